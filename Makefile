@@ -1,0 +1,64 @@
+# vit-vs-cnn: `make sweep` runs the default comparison, `make test` checks the suite.
+# Every target installs what it needs into .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SWEEP ?= default
+EXECUTOR ?= local
+RUNS ?= runs
+RESULTS ?= results
+SWEEP_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: help install data test test-all sweep sweep-dry plots tables report train-cpu clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## Create .venv with pinned torch==2.14.1 / torchvision==0.29.1 and the suite
+
+data: ## Install Debian's dataset-fashion-mnist when apt is available and the files are missing
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist/"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null && \
+		echo "Fashion-MNIST installed from Debian: /usr/share/datasets/fashion-mnist/"; \
+	else \
+		echo "Fashion-MNIST: no Debian package here; torchvision downloads it on first use (needs network)"; \
+	fi
+
+test: install ## Run the test suite (fast tests; no network, no GPU)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
+
+test-all: install ## Run every test, the slow end-to-end ones too
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m ""
+
+sweep: install data ## Run a sweep (SWEEP=default EXECUTOR=local|slurm), then the report
+	$(PY) -m experiments.sweep experiments/sweeps/$(SWEEP).yaml --executor $(EXECUTOR) --runs-dir $(RUNS) $(SWEEP_ARGS)
+	$(PY) -m analysis.report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
+
+sweep-dry: install ## Print the runs a sweep would launch and which are done
+	$(PY) -m experiments.sweep experiments/sweeps/$(SWEEP).yaml --dry-run --runs-dir $(RUNS)
+
+plots: install ## Regenerate the figures of SWEEP from its runs
+	$(PY) -m analysis.plots --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
+
+tables: install ## Regenerate the tables of SWEEP from its runs
+	$(PY) -m analysis.tables --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
+
+report: install ## Regenerate results/SWEEP/ (tables, figures, report.md) from its runs
+	$(PY) -m analysis.report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
+
+train-cpu: install data ## One CPU-profile run of each net (MODEL=..., FRACTION=...)
+	$(PY) -m experiments.train --profile cpu --model $(or $(MODEL),resnet50) --train-fraction $(or $(FRACTION),1.0)
+
+clean: ## Remove runs/ and results/ (keeps .venv)
+	rm -rf $(RUNS) $(RESULTS)

@@ -1,0 +1,293 @@
+"""RunSpec: one run, as a frozen, validated, hashable value.
+
+A spec is built from a profile's defaults plus explicit overrides
+(`RunSpec.create(profile="cpu", model="vit_tiny_p4", train_fraction=0.1)`),
+validated field by field, and identified by `run_id`: the first 12 hex digits
+of the SHA-256 of its canonical JSON (placement fields such as the sweep name,
+data directory or W&B mode are left out, so the same experiment has the same
+id everywhere).
+
+This module imports no torch, so a bad spec fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from lightning_modules.catalog import DATASETS, MODELS, PRETRAINING_SOURCES
+
+
+class SpecError(ValueError):
+    """A spec field has a value that is not allowed; str() is one line."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str, where: str = "") -> None:
+        self.field_name, self.value, self.allowed = field_name, value, allowed
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}invalid {field_name}={value!r} (allowed: {allowed})")
+
+
+# Fields that say where or how a run is placed/logged, not what it computes:
+# they are left out of run_id.
+PLACEMENT_FIELDS = ("sweep", "data_dir", "weights_file", "wandb", "num_workers")
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # 2 cores, no GPU, no network: Fashion-MNIST at 32 px, small ViT vs ResNet50.
+    "cpu": dict(
+        dataset="fashion_mnist", model="resnet50", img_size=32, batch_size=128,
+        epochs=6.0, min_steps=60, max_steps=280, num_evals=4,
+        lr=1e-3, min_lr_ratio=0.01, weight_decay=0.05, warmup_frac=0.1,
+        label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0, drop_path=0.0,
+        augment="basic", val_size=2000, precision="bf16-mixed", devices=1,
+        pretrain_steps=150, pretrain_size=12800, pretrain_classes=64,
+        pretrain_fraction=1.0, grad_clip=1.0, num_workers=0,
+    ),
+    # One GPU: paper-scale nets at 224 px on CIFAR, DeiT-style regularisation.
+    "gpu": dict(
+        dataset="cifar10", model="vit_s16", img_size=224, batch_size=256,
+        epochs=50.0, min_steps=500, max_steps=50_000, num_evals=20,
+        lr=5e-4, min_lr_ratio=0.01, weight_decay=0.05, warmup_frac=0.05,
+        label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0, drop_path=0.1,
+        augment="randaug", val_size=5000, precision="bf16-mixed", devices=1,
+        pretrain_steps=20_000, pretrain_size=100_000, pretrain_classes=1000,
+        pretrain_fraction=1.0, grad_clip=1.0, num_workers=8,
+    ),
+}
+# Cluster: the GPU recipe with 4 GPUs per run through DDP (batch_size is global).
+PROFILES["cluster"] = {**PROFILES["gpu"], "devices": 4, "batch_size": 1024, "lr": 2e-3, "num_workers": 8}
+
+AUGMENTS = ("none", "basic", "randaug")
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+WANDB_MODES = ("auto", "online", "offline", "off")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines one training run (see PROFILES for defaults).
+
+    The training budget grows with the training-set size:
+    `steps = clamp(ceil(epochs * n_train / batch_size), min_steps, max_steps)`,
+    identical for every net, so a curve over sizes measures data, not
+    under-training.
+    """
+
+    # what is compared
+    model: str
+    dataset: str
+    train_fraction: float
+    seed: int
+    data_seed: int
+    profile: str
+    pretraining: str
+    # pretraining (used when pretraining is fractaldb or a dataset)
+    pretrain_size: int
+    pretrain_classes: int
+    pretrain_fraction: float
+    pretrain_steps: int
+    # the one recipe
+    img_size: int
+    in_chans: int
+    batch_size: int
+    epochs: float
+    min_steps: int
+    max_steps: int
+    num_evals: int
+    lr: float
+    min_lr_ratio: float
+    weight_decay: float
+    warmup_frac: float
+    label_smoothing: float
+    mixup_alpha: float
+    cutmix_alpha: float
+    drop_path: float
+    augment: str
+    val_size: int
+    precision: str
+    devices: int
+    grad_clip: float
+    # placement (not part of run_id)
+    sweep: str = "adhoc"
+    data_dir: str | None = None
+    weights_file: str | None = None
+    wandb: str = "auto"
+    num_workers: int = 0
+    # pretraining chain: set on upstream specs only (fine-tuned from nothing)
+    role: str = field(default="train")
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def create(cls, profile: str = "cpu", **overrides: Any) -> "RunSpec":
+        """Profile defaults + overrides -> a validated spec.
+
+        Raises:
+            SpecError: unknown field, or a value outside what is allowed.
+        """
+        if profile not in PROFILES:
+            raise SpecError("profile", profile, " | ".join(PROFILES))
+        known = {f.name for f in fields(cls)}
+        for name in overrides:
+            if name not in known:
+                raise SpecError("field", name, "one of " + ", ".join(sorted(known)))
+        values = {**PROFILES[profile], "profile": profile, "seed": 0, "data_seed": 0, "in_chans": 0,
+                  "train_fraction": 1.0, "pretraining": "none", **overrides}
+        spec = cls(**values)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunSpec":
+        """Inverse of `to_dict` (e.g. a run's spec.json); validated."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SpecError("field", unknown[0], "one of " + ", ".join(sorted(known)))
+        missing = sorted(known - set(data) - {f.name for f in fields(cls) if f.default is not dataclasses.MISSING})
+        if missing:
+            raise SpecError(missing[0], None, "a value (field missing)")
+        spec = cls(**data)
+        spec.validate()
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "RunSpec":
+        spec = dataclasses.replace(self, **changes)
+        spec.validate()
+        return spec
+
+    # --------------------------------------------------------------- identity
+    def canonical(self) -> dict[str, Any]:
+        """The fields that define the computation (what run_id hashes)."""
+        return {k: v for k, v in sorted(self.to_dict().items()) if k not in PLACEMENT_FIELDS}
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def arch(self) -> str:
+        return MODELS[self.model].arch
+
+    @property
+    def net_in_chans(self) -> int:
+        """Input channels of the net: `in_chans`, or the dataset's own when 0.
+
+        Images are converted to this many channels by the DataModule, so a
+        pretraining source and its target feed the same net.
+        """
+        return self.in_chans or DATASETS[self.dataset].in_chans
+
+    # ------------------------------------------------------------ pretraining
+    def upstream(self) -> "RunSpec | None":
+        """The pretraining run this run fine-tunes from, or None.
+
+        `none` and `imagenet` have no upstream run (ImageNet weights come from
+        timm). `fractaldb` pretrains on `pretrain_classes` x
+        (`pretrain_size` / `pretrain_classes`) formula-driven images; a dataset
+        name pretrains on `pretrain_fraction` of that dataset. The upstream
+        uses the same net, recipe, image size and seed, with a fixed
+        `pretrain_steps` budget; it is shared by every run that needs it.
+        """
+        if self.pretraining in ("none", "imagenet"):
+            return None
+        is_fractal = self.pretraining == "fractaldb"
+        return dataclasses.replace(
+            self,
+            dataset=self.pretraining,
+            train_fraction=1.0 if is_fractal else self.pretrain_fraction,
+            pretraining="none",
+            in_chans=self.net_in_chans,
+            min_steps=self.pretrain_steps,
+            max_steps=self.pretrain_steps,
+            # the target's augmentation and regularisation, the source's data
+            role="pretrain",
+            # fields meaningless upstream are normalised so that every target
+            # fraction shares one pretraining run
+            pretrain_fraction=self.pretrain_fraction if not is_fractal else 1.0,
+            pretrain_size=self.pretrain_size if is_fractal else 0,
+            pretrain_classes=self.pretrain_classes if is_fractal else 0,
+            pretrain_steps=self.pretrain_steps,
+            mixup_alpha=0.0,
+            cutmix_alpha=0.0,
+        )
+
+    # ------------------------------------------------------------- budget
+    def train_steps(self, n_train: int) -> int:
+        """Optimizer steps for `n_train` images, a multiple of num_evals."""
+        steps = math.ceil(self.epochs * n_train / self.batch_size)
+        steps = min(max(steps, self.min_steps), self.max_steps)
+        return math.ceil(steps / self.num_evals) * self.num_evals
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Check every field; raise SpecError naming the first bad one."""
+        v = self
+
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise SpecError(name, getattr(v, name), allowed)
+
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        need(v.profile in PROFILES, "profile", " | ".join(PROFILES))
+        need(v.model in MODELS, "model", " | ".join(MODELS))
+        need(v.dataset in DATASETS, "dataset", " | ".join(DATASETS))
+        need(v.dataset != "fractaldb" or v.role == "pretrain", "dataset",
+             "fractaldb only as pretraining (pretraining: fractaldb)")
+        need(is_num(v.train_fraction) and 0 < v.train_fraction <= 1, "train_fraction", "a number in (0, 1]")
+        need(is_int(v.seed) and v.seed >= 0, "seed", "an integer >= 0")
+        need(is_int(v.data_seed) and v.data_seed >= 0, "data_seed", "an integer >= 0")
+        sources = list(PRETRAINING_SOURCES) + [d for d in DATASETS if d != "fractaldb"]
+        need(v.pretraining in sources, "pretraining", " | ".join(sources))
+        need(v.pretraining != v.dataset, "pretraining", "a source other than the target dataset")
+        if v.pretraining == "imagenet":
+            need(MODELS[v.model].timm_name is not None, "pretraining",
+                 "imagenet only for models with timm weights: "
+                 + ", ".join(m for m, i in MODELS.items() if i.timm_name))
+        need(is_int(v.pretrain_size) and v.pretrain_size >= 0, "pretrain_size", "an integer >= 0 (images)")
+        need(is_int(v.pretrain_classes) and v.pretrain_classes >= 0, "pretrain_classes", "an integer >= 0")
+        if v.pretraining == "fractaldb":
+            need(v.pretrain_classes >= 2, "pretrain_classes", "an integer >= 2 for fractaldb")
+            need(v.pretrain_size >= v.pretrain_classes, "pretrain_size",
+                 f"an integer >= pretrain_classes ({v.pretrain_classes})")
+        need(is_num(v.pretrain_fraction) and 0 < v.pretrain_fraction <= 1, "pretrain_fraction", "a number in (0, 1]")
+        need(is_int(v.pretrain_steps) and v.pretrain_steps > 0, "pretrain_steps", "an integer > 0")
+        need(is_int(v.img_size) and 8 <= v.img_size <= 1024, "img_size", "an integer in [8, 1024]")
+        need(v.in_chans in (0, 1, 3), "in_chans", "0 (the dataset's own) | 1 | 3")
+        need(is_int(v.batch_size) and v.batch_size > 0, "batch_size", "an integer > 0")
+        need(is_num(v.epochs) and v.epochs > 0, "epochs", "a number > 0")
+        need(is_int(v.min_steps) and v.min_steps > 0, "min_steps", "an integer > 0")
+        need(is_int(v.max_steps) and v.max_steps > 0, "max_steps", "an integer > 0")
+        need(v.max_steps >= v.min_steps, "max_steps", f"an integer >= min_steps ({v.min_steps})")
+        need(is_int(v.num_evals) and v.num_evals > 0, "num_evals", "an integer > 0")
+        need(is_num(v.lr) and 0 < v.lr < 1, "lr", "a number in (0, 1)")
+        need(is_num(v.min_lr_ratio) and 0 <= v.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
+        need(is_num(v.weight_decay) and 0 <= v.weight_decay < 1, "weight_decay", "a number in [0, 1)")
+        need(is_num(v.warmup_frac) and 0 <= v.warmup_frac < 1, "warmup_frac", "a number in [0, 1)")
+        need(is_num(v.label_smoothing) and 0 <= v.label_smoothing < 1, "label_smoothing", "a number in [0, 1)")
+        need(is_num(v.mixup_alpha) and v.mixup_alpha >= 0, "mixup_alpha", "a number >= 0 (0 = off)")
+        need(is_num(v.cutmix_alpha) and v.cutmix_alpha >= 0, "cutmix_alpha", "a number >= 0 (0 = off)")
+        need(is_num(v.drop_path) and 0 <= v.drop_path < 1, "drop_path", "a number in [0, 1)")
+        need(v.augment in AUGMENTS, "augment", " | ".join(AUGMENTS))
+        need(is_int(v.val_size) and v.val_size > 0, "val_size", "an integer > 0")
+        need(v.precision in PRECISIONS, "precision", " | ".join(PRECISIONS))
+        need(is_int(v.devices) and v.devices > 0, "devices", "an integer > 0")
+        need(v.batch_size % v.devices == 0, "batch_size", f"a multiple of devices ({v.devices})")
+        need(is_num(v.grad_clip) and v.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = off)")
+        need(isinstance(v.sweep, str) and v.sweep.replace("_", "").replace("-", "").isalnum(), "sweep",
+             "letters, digits, '-' and '_'")
+        need(v.data_dir is None or isinstance(v.data_dir, str), "data_dir", "a path or null")
+        need(v.weights_file is None or isinstance(v.weights_file, str), "weights_file", "a path or null")
+        need(v.wandb in WANDB_MODES, "wandb", " | ".join(WANDB_MODES))
+        need(is_int(v.num_workers) and v.num_workers >= 0, "num_workers", "an integer >= 0")
+        need(v.role in ("train", "pretrain"), "role", "train | pretrain")

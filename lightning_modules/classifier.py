@@ -1,0 +1,126 @@
+"""One LightningModule trains every net with one recipe.
+
+AdamW, linear warmup then cosine decay (per step), cross-entropy with label
+smoothing (soft targets when MixUp / CutMix are on), and one weight-decay
+rule for every net: a parameter is exempt iff it is 1-D (biases, norm scales
+and shifts) or the net names it in `no_weight_decay()` (a ViT's position
+embedding and class token). Metrics come from torchmetrics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+
+def decay_groups(net: nn.Module) -> tuple[list[str], list[str]]:
+    """Split parameter names by the one no-weight-decay rule.
+
+    Returns:
+        (decayed, exempt) parameter names.
+    """
+    named_exempt = set(net.no_weight_decay()) if hasattr(net, "no_weight_decay") else set()
+    decayed, exempt = [], []
+    for name, param in net.named_parameters():
+        if not param.requires_grad:
+            continue
+        (exempt if param.ndim <= 1 or name in named_exempt else decayed).append(name)
+    return decayed, exempt
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from 0, then cosine from 1 to `min_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ImageClassifier(pl.LightningModule):
+    """Trains any net with `forward_features` / `forward_head` under one recipe.
+
+    Args:
+        net: the network (its logits have `num_classes` outputs).
+        num_classes: classes of the task.
+        lr: peak learning rate.
+        weight_decay: AdamW decoupled weight decay for the decayed group.
+        total_steps: optimizer steps of the whole run (schedule length).
+        warmup_steps: linear warmup steps.
+        min_lr_ratio: final LR as a share of `lr`.
+        label_smoothing: cross-entropy label smoothing.
+        betas: AdamW betas.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.05,
+                 total_steps: int = 1000, warmup_steps: int = 100, min_lr_ratio: float = 0.01,
+                 label_smoothing: float = 0.1, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.diverged = False
+        metrics = lambda: torchmetrics.MetricCollection({  # noqa: E731 (one recipe for each split)
+            "acc1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1),
+            "acc5": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=min(5, num_classes)),
+            "ece": torchmetrics.CalibrationError(task="multiclass", num_classes=num_classes, n_bins=15),
+        })
+        self.val_metrics = metrics().clone(prefix="val/")
+        self.test_metrics = metrics().clone(prefix="test/")
+        self.val_nll = torchmetrics.MeanMetric()
+        self.test_nll = torchmetrics.MeanMetric()
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> logits (B, num_classes)."""
+        return self.net(images)
+
+    # ---------------------------------------------------------------- train
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        images, targets = batch  # (B, C, H, W); (B,) labels or (B, K) soft targets
+        logits = self(images)  # (B, K)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
+        if not torch.isfinite(loss):
+            self.diverged = True
+            self.trainer.should_stop = True
+            return None
+        hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
+        self.train_acc(logits.detach(), hard)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc1_batch", self.train_acc, prog_bar=False)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    # ---------------------------------------------------------------- eval
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: torchmetrics.MetricCollection,
+                  nll: torchmetrics.MeanMetric, prefix: str) -> None:
+        images, labels = batch  # (B, C, H, W), (B,)
+        logits = self(images).float()  # (B, K)
+        probs = logits.softmax(dim=1)
+        metrics.update(probs, labels)
+        nll.update(F.cross_entropy(logits, labels, reduction="none"))
+        self.log_dict(metrics, on_epoch=True)
+        self.log(f"{prefix}/nll", nll, on_epoch=True)
+        self.log(f"{prefix}/loss", nll, on_epoch=True, prog_bar=prefix == "val")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, self.val_nll, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, self.test_nll, "test")
+
+    # ---------------------------------------------------------------- optim
+    def configure_optimizers(self) -> dict:
+        decayed, exempt = decay_groups(self.net)
+        params = dict(self.net.named_parameters())
+        optimizer = torch.optim.AdamW(
+            [{"params": [params[n] for n in decayed], "weight_decay": self.hparams.weight_decay},
+             {"params": [params[n] for n in exempt], "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=self.hparams.betas)
+        hp = self.hparams
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, hp.total_steps, hp.warmup_steps, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

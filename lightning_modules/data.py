@@ -1,0 +1,531 @@
+"""One DataModule for every net and every dataset.
+
+Fairness lives here: whichever net is trained, a given `data_seed` gives the
+same validation split, the same training subset, the same sample order and
+the same augmentation draws. Subsets are stratified (each class keeps its
+share) and nested (the 1 % subset is inside the 10 % subset), because every
+fraction takes a prefix of one fixed per-class permutation.
+
+Sources: `fashion_mnist` (Debian's `dataset-fashion-mnist` files, a
+`--data-dir`, or a torchvision download), `cifar10` / `cifar100` (python
+pickles, downloaded by torchvision when missing), `imagefolder`
+(`DATA_DIR/train/CLASS/*.jpg` and `DATA_DIR/val/...`), `synthetic` (class
+patterns generated in memory) and `fractaldb` (formula-driven images for
+pretraining).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from lightning_modules.catalog import DATASETS
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_DATA_ROOT = Path(os.environ.get("VIT_VS_CNN_DATA", Path.home() / ".cache" / "vit-vs-cnn" / "data"))
+
+# Per-channel pixel statistics of each training set (ImageNet's for folders).
+STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": ((0.5,), (0.25,)),
+    "fractaldb": ((0.2,), (0.4,)),
+}
+
+
+class DataError(ValueError):
+    """The data a spec names cannot be found or read; str() is one line."""
+
+
+# ---------------------------------------------------------------- sources
+@dataclass
+class Source:
+    """A dataset's splits before subsetting.
+
+    Attributes:
+        train: indexable dataset of (uint8 image (C, H, W), label).
+        train_targets: (N_train,) int labels of `train`.
+        test: the held-out test split, or None when the dataset has none
+            (then a test split is carved from `train`, disjoint from val).
+        classes: class names.
+    """
+
+    train: Dataset
+    train_targets: np.ndarray
+    test: Dataset | None
+    classes: list[str]
+
+
+class TensorImages(Dataset):
+    """In-memory uint8 images (N, C, H, W) with int labels (N,)."""
+
+    def __init__(self, images: torch.Tensor, targets: np.ndarray) -> None:
+        self.images, self.targets = images, np.asarray(targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.targets[i])
+
+
+def _read_idx_gz(path: Path) -> np.ndarray:
+    """Read an MNIST-format idx file (optionally gzipped) into a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_fashion_mnist(data_dir: Path | None) -> Path | None:
+    """First folder holding the four Fashion-MNIST idx files (.gz or raw)."""
+    candidates = ([data_dir, data_dir / "FashionMNIST" / "raw"] if data_dir else []) + [
+        DEBIAN_FASHION_MNIST, DEFAULT_DATA_ROOT / "FashionMNIST" / "raw"]
+    for folder in candidates:
+        if all(_idx_file(folder, stem) for stem in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):
+            return folder
+    return None
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_fashion_mnist(data_dir: Path | None, download: bool) -> Source:
+    """Fashion-MNIST from Debian's package, `data_dir`, or torchvision's download."""
+    folder = _find_fashion_mnist(data_dir)
+    if folder is None and download:
+        import torchvision
+
+        root = data_dir or DEFAULT_DATA_ROOT
+        try:
+            torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+            torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
+        except Exception as exc:  # no network, or a broken mirror
+            raise DataError(f"dataset=fashion_mnist: files not found and download failed "
+                            f"({type(exc).__name__}); run `make data` or pass --data-dir") from None
+        folder = _find_fashion_mnist(root)
+    if folder is None:
+        raise DataError("dataset=fashion_mnist: files not found in --data-dir, "
+                        f"{DEBIAN_FASHION_MNIST} or {DEFAULT_DATA_ROOT}; run `make data` or pass --data-dir")
+
+    def split(prefix: str) -> TensorImages:
+        images = _read_idx_gz(_idx_file(folder, f"{prefix}-images-idx3-ubyte"))  # (N, 28, 28)
+        labels = _read_idx_gz(_idx_file(folder, f"{prefix}-labels-idx1-ubyte"))  # (N,)
+        return TensorImages(torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(np.int64))
+
+    train = split("train")
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    return Source(train, train.targets, split("t10k"), classes)
+
+
+def load_cifar(name: str, data_dir: Path | None, download: bool) -> Source:
+    """CIFAR-10/100 from the python pickles, downloading them when missing."""
+    root = data_dir or DEFAULT_DATA_ROOT
+    folder, train_files, test_file, label_key, meta = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
+                    "labels", ("batches.meta", "label_names")),
+        "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", ("meta", "fine_label_names")),
+    }[name]
+    base = root / folder
+    if not (base / test_file).is_file() and download:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            cls(str(root), train=True, download=True)
+        except Exception as exc:
+            raise DataError(f"dataset={name}: files not found in {base} and download failed "
+                            f"({type(exc).__name__}); pass --data-dir") from None
+    if not (base / test_file).is_file():
+        raise DataError(f"dataset={name}: files not found in {base}; pass --data-dir or allow the download")
+
+    def unpickle(file: str) -> dict:
+        with open(base / file, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+
+    def split(files: Sequence[str]) -> TensorImages:
+        parts = [unpickle(f) for f in files]
+        images = np.concatenate([p["data"] for p in parts]).reshape(-1, 3, 32, 32)  # (N, 3, 32, 32)
+        labels = np.concatenate([p[label_key] for p in parts])
+        return TensorImages(torch.from_numpy(images.copy()), labels)
+
+    train = split(train_files)
+    classes = list(unpickle(meta[0])[meta[1]])
+    return Source(train, train.targets, split([test_file]), classes)
+
+
+class FolderImages(Dataset):
+    """torchvision ImageFolder yielding uint8 (C, H, W) tensors."""
+
+    def __init__(self, root: Path) -> None:
+        import torchvision
+        from torchvision.io import ImageReadMode, decode_image
+
+        self.folder = torchvision.datasets.ImageFolder(str(root), loader=lambda p: p)
+        self.targets = np.asarray(self.folder.targets, dtype=np.int64)
+        self._decode = lambda path: decode_image(path, mode=ImageReadMode.RGB)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.folder.samples[i]
+        return self._decode(path), label
+
+
+def load_imagefolder(data_dir: Path | None) -> Source:
+    """ImageNet-style folders: DATA_DIR/train/CLASS/* and DATA_DIR/val (or test)/CLASS/*."""
+    if data_dir is None or not (data_dir / "train").is_dir():
+        raise DataError(f"dataset=imagefolder: data_dir={str(data_dir)!r} has no train/ folder "
+                        "(expected DATA_DIR/train/CLASS/*.jpg and DATA_DIR/val/CLASS/*.jpg)")
+    train = FolderImages(data_dir / "train")
+    test_dir = next((data_dir / d for d in ("val", "test") if (data_dir / d).is_dir()), None)
+    test = FolderImages(test_dir) if test_dir else None
+    if test is not None and test.folder.classes != train.folder.classes:
+        raise DataError(f"dataset=imagefolder: {test_dir} classes differ from train/ classes")
+    return Source(train, train.targets, test, list(train.folder.classes))
+
+
+def make_synthetic(num_classes: int = 4, n_train: int = 512, n_test: int = 128, size: int = 32,
+                   seed: int = 1234) -> Source:
+    """Learnable class patterns: a smooth random template per class plus pixel noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 1, size=(num_classes, 1, 4, 4))  # (K, 1, 4, 4)
+    templates = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(size, size),
+                                                mode="bilinear", align_corners=False)  # (K, 1, S, S)
+
+    def split(n: int) -> TensorImages:
+        labels = np.arange(n) % num_classes
+        noise = torch.from_numpy(rng.normal(0, 0.15, size=(n, 1, size, size)))
+        images = (templates[labels] + noise).clamp(0, 1).mul(255).round().to(torch.uint8)  # (n, 1, S, S)
+        return TensorImages(images, labels)
+
+    train = split(n_train)
+    return Source(train, train.targets, split(n_test), [f"class{k}" for k in range(num_classes)])
+
+
+def load_fractaldb(num_classes: int, size: int, img_size: int, seed: int) -> Source:
+    """FractalDB pretraining images (no test split: one is carved off)."""
+    from lightning_modules.fractaldb import FractalDB
+
+    per_class = max(1, size // num_classes)
+    data = FractalDB(num_classes=num_classes, instances_per_class=per_class, img_size=img_size, seed=seed)
+    return Source(data, np.asarray(data.targets, dtype=np.int64), None, [f"ifs{k}" for k in range(num_classes)])
+
+
+# ---------------------------------------------------------------- subsets
+def _class_orders(targets: np.ndarray, data_seed: int) -> dict[int, np.ndarray]:
+    """One fixed random permutation of each class's indices, from data_seed alone."""
+    return {int(c): np.random.default_rng([data_seed, int(c)]).permutation(np.flatnonzero(targets == c))
+            for c in np.unique(targets)}
+
+
+def _allocate(counts: dict[int, int], total: int) -> dict[int, int]:
+    """Split `total` across classes proportionally (largest remainder)."""
+    n = sum(counts.values())
+    exact = {c: total * k / n for c, k in counts.items()}
+    alloc = {c: int(np.floor(x)) for c, x in exact.items()}
+    for c in sorted(exact, key=lambda c: (alloc[c] - exact[c], c))[: total - sum(alloc.values())]:
+        alloc[c] += 1
+    return alloc
+
+
+def split_indices(targets: np.ndarray, data_seed: int, train_fraction: float, val_size: int,
+                  test_size: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified validation (and optional test) split, then a nested training subset.
+
+    Each class's indices are permuted once (from `data_seed`); the first
+    slots go to validation (and test), and the training subset for any
+    fraction is a prefix of the rest, so smaller fractions are contained in
+    larger ones and no net ever sees a different subset.
+
+    Args:
+        targets: (N,) labels of the training split.
+        data_seed: seed of the permutation (independent of the model seed).
+        train_fraction: share of the remaining pool per class, in (0, 1].
+        val_size: images carved for validation (stratified).
+        test_size: images carved for a test split (datasets without one).
+
+    Returns:
+        (train_idx, val_idx, test_idx), each sorted int64 arrays.
+    """
+    orders = _class_orders(targets, data_seed)
+    counts = {c: len(o) for c, o in orders.items()}
+    n_val = _allocate(counts, val_size)
+    n_test = _allocate(counts, test_size) if test_size else {c: 0 for c in counts}
+    train, val, test = [], [], []
+    for c, order in orders.items():
+        val.append(order[: n_val[c]])
+        test.append(order[n_val[c]: n_val[c] + n_test[c]])
+        pool = order[n_val[c] + n_test[c]:]
+        train.append(pool[: max(1, round(train_fraction * len(pool)))])
+    return tuple(np.sort(np.concatenate(parts)).astype(np.int64) for parts in (train, val, test))
+
+
+def subset_hash(indices: np.ndarray) -> str:
+    """First 16 hex digits of the SHA-256 of the sorted indices."""
+    return hashlib.sha256(np.sort(indices).astype(np.int64).tobytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- transforms
+def build_transforms(dataset: str, img_size: int, in_chans: int, augment: str, train: bool,
+                     native_size: int) -> v2.Compose:
+    """The same pipeline for every net: channels, size, augmentation, normalisation.
+
+    Args:
+        dataset: picks the normalisation statistics.
+        img_size: the net's input side.
+        in_chans: the net's input channels (grey is repeated to 3; RGB is
+            converted to grey for 1).
+        augment: "none" | "basic" (random crop + flip) | "randaug" (+ RandAugment).
+        train: training (augmented) or evaluation pipeline.
+        native_size: the dataset's stored side (large images are crop-resized).
+    """
+    mean, std = STATS[dataset]
+    if in_chans != len(mean):
+        mean, std = (float(np.mean(mean)),) * in_chans, (float(np.mean(std)),) * in_chans
+    steps: list[Callable] = [v2.ToImage()]
+    small = native_size <= 64
+    if train and augment != "none":
+        if small:
+            steps += [v2.Resize(img_size, antialias=True)] if native_size != img_size else []
+            steps += [v2.RandomCrop(img_size, padding=max(1, img_size // 8), padding_mode="reflect")]
+        else:
+            steps += [v2.RandomResizedCrop(img_size, antialias=True)]
+        steps += [v2.RandomHorizontalFlip()]
+        if augment == "randaug":
+            steps += [v2.RandAugment(num_ops=2, magnitude=9)]
+    elif small:
+        steps += [v2.Resize(img_size, antialias=True)] if native_size != img_size else []
+    else:
+        steps += [v2.Resize(int(round(img_size / 0.875)), antialias=True), v2.CenterCrop(img_size)]
+    steps += [_ToChannels(in_chans), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+class _ToChannels(torch.nn.Module):
+    """uint8 (C, H, W) -> (in_chans, H, W): repeat grey, or average RGB to grey."""
+
+    def __init__(self, in_chans: int) -> None:
+        super().__init__()
+        self.in_chans = in_chans
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if img.shape[-3] == self.in_chans:
+            return img
+        if img.shape[-3] == 1:
+            return img.expand(self.in_chans, *img.shape[-2:]).clone()
+        grey = v2.functional.rgb_to_grayscale(img)  # (1, H, W)
+        return grey.expand(self.in_chans, *grey.shape[-2:]).clone()
+
+
+class SeededSubset(Dataset):
+    """A subset whose transform runs under a seed chosen by the sampler.
+
+    Items are requested as `(index, seed)` pairs, so the augmentation of a
+    sample depends on (data_seed, epoch, position) only, never on the model's
+    RNG use: two nets trained with one data_seed see identical batches.
+    """
+
+    def __init__(self, base: Dataset, indices: np.ndarray, transform: Callable) -> None:
+        self.base, self.indices, self.transform = base, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
+        """`i` -> (image, label); `(i, seed)` -> (image, label, seed), augmented under `seed`."""
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.base[int(self.indices[i])]
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), label, seed
+
+
+class SeededShuffle(Sampler):
+    """Shuffles indices and hands out per-sample augmentation seeds.
+
+    The permutation and seeds of epoch e depend only on (data_seed, e).
+    Lightning calls `set_epoch` each epoch.
+    """
+
+    def __init__(self, n: int, data_seed: int) -> None:
+        self.n, self.data_seed, self.epoch = n, data_seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        rng = np.random.default_rng([self.data_seed, self.epoch, 7])
+        order = rng.permutation(self.n)
+        seeds = rng.integers(0, 2**62, size=self.n)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+class MixCollate:
+    """Collate (image, label, seed) items; apply torchvision's MixUp / CutMix under the batch's first seed."""
+
+    def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> None:
+        choices = []
+        if mixup_alpha > 0:
+            choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.mix = v2.RandomChoice(choices) if choices else None
+
+    def __call__(self, batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([b[0] for b in batch])  # (B, C, H, W)
+        labels = torch.tensor([b[1] for b in batch])  # (B,)
+        if self.mix is None:
+            return images, labels
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch[0][2] + 1)
+            return self.mix(images, labels)  # labels -> (B, K) soft targets
+
+
+# ---------------------------------------------------------------- datamodule
+class ImageDataModule(pl.LightningDataModule):
+    """Splits, subsets and loaders for one dataset, identical for every net.
+
+    Args:
+        dataset: a name from `lightning_modules.catalog.DATASETS`.
+        img_size / in_chans: what the net consumes.
+        batch_size: per-process batch size.
+        train_fraction: share of the training pool, in (0, 1] (stratified, nested).
+        val_size: validation images carved from the training split.
+        data_seed: seed of split, subset, order and augmentation.
+        augment: "none" | "basic" | "randaug".
+        mixup_alpha / cutmix_alpha: torchvision MixUp / CutMix (0 = off).
+        data_dir: where the files are (None: the defaults in the module docstring).
+        download: allow torchvision downloads when files are missing.
+        fractal_classes / fractal_size / fractal_seed: FractalDB size (dataset="fractaldb").
+        num_workers: DataLoader workers.
+        train_eval_size: training images evaluated (no augmentation) for the train-test gap.
+    """
+
+    def __init__(self, dataset: str, img_size: int, in_chans: int, batch_size: int,
+                 train_fraction: float = 1.0, val_size: int = 2000, data_seed: int = 0,
+                 augment: str = "basic", mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+                 data_dir: str | Path | None = None, download: bool = True,
+                 fractal_classes: int = 0, fractal_size: int = 0, fractal_seed: int = 0,
+                 num_workers: int = 0, train_eval_size: int = 2048) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise DataError(f"invalid dataset={dataset!r} (allowed: {' | '.join(DATASETS)})")
+        self.dataset, self.img_size, self.in_chans = dataset, img_size, in_chans
+        self.batch_size, self.train_fraction, self.val_size = batch_size, train_fraction, val_size
+        self.data_seed, self.augment = data_seed, augment
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.data_dir = Path(data_dir).expanduser() if data_dir else None
+        self.download, self.num_workers, self.train_eval_size = download, num_workers, train_eval_size
+        self.fractal = (fractal_classes, fractal_size, fractal_seed)
+        self.source: Source | None = None
+
+    @classmethod
+    def from_spec(cls, spec: Any, download: bool = True) -> "ImageDataModule":
+        """Build from an `experiments.spec.RunSpec` (duck-typed: no import)."""
+        return cls(dataset=spec.dataset, img_size=spec.img_size, in_chans=spec.net_in_chans,
+                   batch_size=spec.batch_size // spec.devices, train_fraction=spec.train_fraction,
+                   val_size=spec.val_size, data_seed=spec.data_seed, augment=spec.augment,
+                   mixup_alpha=spec.mixup_alpha, cutmix_alpha=spec.cutmix_alpha,
+                   data_dir=spec.data_dir, download=download, fractal_classes=spec.pretrain_classes,
+                   fractal_size=spec.pretrain_size, fractal_seed=spec.seed, num_workers=spec.num_workers)
+
+    # -- loading
+    def load_source(self) -> Source:
+        """Read (or generate) the dataset; raises DataError with one line when it can't."""
+        if self.source is None:
+            name = self.dataset
+            if name == "fashion_mnist":
+                self.source = load_fashion_mnist(self.data_dir, self.download)
+            elif name in ("cifar10", "cifar100"):
+                self.source = load_cifar(name, self.data_dir, self.download)
+            elif name == "imagefolder":
+                self.source = load_imagefolder(self.data_dir)
+            elif name == "synthetic":
+                self.source = make_synthetic()
+            else:
+                classes, size, seed = self.fractal
+                self.source = load_fractaldb(classes, size + self.val_size * 2, self.img_size, seed)
+        return self.source
+
+    def prepare_data(self) -> None:
+        self.load_source()
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        src = self.load_source()
+        native = DATASETS[self.dataset].native_size
+        test_size = 0 if src.test is not None else self.val_size
+        if self.val_size + test_size >= len(src.train_targets):
+            raise DataError(f"invalid val_size={self.val_size} (allowed: < {len(src.train_targets) - test_size}, "
+                            f"the {self.dataset} training images)")
+        self.train_idx, self.val_idx, test_idx = split_indices(
+            src.train_targets, self.data_seed, self.train_fraction, self.val_size, test_size)
+        self.num_classes = int(src.train_targets.max()) + 1
+        self.classes = src.classes
+        train_tf = build_transforms(self.dataset, self.img_size, self.in_chans, self.augment, True, native)
+        eval_tf = build_transforms(self.dataset, self.img_size, self.in_chans, "none", False, native)
+        self.train_set = SeededSubset(src.train, self.train_idx, train_tf)
+        self.val_set = SeededSubset(src.train, self.val_idx, eval_tf)
+        self.test_set = (SeededSubset(src.test, np.arange(len(src.test)), eval_tf) if src.test is not None
+                         else SeededSubset(src.train, test_idx, eval_tf))
+        # a fixed, class-balanced prefix of the subset for the train-test gap
+        k = min(self.train_eval_size, len(self.train_idx))
+        eval_positions = np.sort(np.random.default_rng([self.data_seed, 11]).permutation(len(self.train_idx))[:k])
+        self.train_eval_set = SeededSubset(src.train, self.train_idx[eval_positions], eval_tf)
+
+    # -- facts for result.json
+    @property
+    def n_train(self) -> int:
+        return len(self.train_idx)
+
+    @property
+    def subset_hash(self) -> str:
+        return subset_hash(self.train_idx)
+
+    # -- loaders
+    def train_dataloader(self) -> DataLoader:
+        batch = min(self.batch_size, self.n_train)
+        return DataLoader(self.train_set, batch_size=batch, sampler=SeededShuffle(self.n_train, self.data_seed),
+                          drop_last=True, num_workers=self.num_workers,
+                          collate_fn=MixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha),
+                          persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size * 2, shuffle=False, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.train_eval_set)

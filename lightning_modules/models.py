@@ -1,0 +1,114 @@
+"""One registry: model names -> nets with one face.
+
+Every net built here exposes timm's interface: `forward_features(x)`,
+`forward_head(x, pre_logits=False)`, `num_features`, `reset_classifier(n)`.
+ViTs are our transparent `VisionTransformer`; CNNs come from
+`timm.create_model` unchanged. ImageNet weights come from timm (the hub when
+online, or a local file) and reach our ViT through `VisionTransformer.from_timm`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from lightning_modules.catalog import MODELS
+from lightning_modules.vit import VisionTransformer
+
+
+class ModelError(ValueError):
+    """A model name or option that the registry does not allow; str() is one line."""
+
+
+def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretrained: bool = False,
+                weights_file: str | Path | None = None, **overrides: Any) -> nn.Module:
+    """Build a registered net.
+
+    Args:
+        name: a key of `lightning_modules.catalog.MODELS`.
+        num_classes: classifier outputs.
+        in_chans: input channels (timm adapts pretrained stems to 1 channel by summing).
+        img_size: input side (pretrained ViT position embeddings are resampled).
+        pretrained: load timm's ImageNet weights (the hub, or `weights_file`).
+        weights_file: a local timm checkpoint (.safetensors / .pth / .bin) to
+            use instead of the hub.
+        **overrides: e.g. `drop_path_rate`, or ViT options (`pos_embed`, `pool`, ...).
+
+    Returns:
+        The net, with `forward_features`, `forward_head`, `num_features`.
+    """
+    if name not in MODELS:
+        raise ModelError(f"invalid model={name!r} (allowed: {' | '.join(MODELS)})")
+    info = MODELS[name]
+    if pretrained and info.timm_name is None:
+        raise ModelError(f"invalid pretrained=True for model={name!r} (no ImageNet weights; allowed for: "
+                         + ", ".join(m for m, i in MODELS.items() if i.timm_name) + ")")
+    if weights_file is not None and not Path(weights_file).is_file():
+        raise ModelError(f"invalid weights_file={str(weights_file)!r} (not a file)")
+    timm_kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans)
+    if pretrained and weights_file is not None:
+        timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_file))
+
+    if info.arch == "vit":
+        config = {**info.config, **overrides}
+        if not pretrained:
+            return VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes, **config)
+        drop_path = config.pop("drop_path_rate", 0.0)
+        reference = timm.create_model(info.timm_name, pretrained=True, img_size=img_size,
+                                      drop_path_rate=drop_path, **timm_kwargs)
+        return VisionTransformer.from_timm(reference)
+    return timm.create_model(info.timm_name.split(".")[0] if not pretrained else info.timm_name,
+                             pretrained=pretrained, **timm_kwargs, **overrides)
+
+
+def load_backbone(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Copy a pretraining run's weights into `net`, all but the classifier head.
+
+    Args:
+        net: a freshly built net (its head sized for the target classes).
+        state_dict: the upstream net's state dict (same architecture).
+
+    Returns:
+        The names that were not copied (the head's).
+
+    Raises:
+        ModelError: a backbone tensor is missing or has another shape.
+    """
+    own = net.state_dict()
+    head = {k for k in own if _is_head(net, k)}
+    for key, value in own.items():
+        if key in head:
+            continue
+        if key not in state_dict or state_dict[key].shape != value.shape:
+            found = tuple(state_dict[key].shape) if key in state_dict else "missing"
+            raise ModelError(f"invalid pretrained weights: {key} is {found}, expected {tuple(value.shape)}")
+    net.load_state_dict({k: v for k, v in state_dict.items() if k not in head}, strict=False)
+    return sorted(head)
+
+
+def _is_head(net: nn.Module, key: str) -> bool:
+    """True for the classifier's parameters (timm: `get_classifier()`)."""
+    classifier = net.get_classifier()
+    names = {f"{n}.{p}" for n, m in net.named_modules() if m is classifier for p, _ in m.named_parameters()}
+    return key in names
+
+
+def count_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def flops_per_image(net: nn.Module, in_chans: int, img_size: int) -> int:
+    """Forward FLOPs for one image (2 x multiply-adds), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = net.training
+    net.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(torch.zeros(1, in_chans, img_size, img_size, device=next(net.parameters()).device))
+    net.train(was_training)
+    return int(counter.get_total_flops())
