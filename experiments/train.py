@@ -59,11 +59,15 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (flock) held for the block; blocks until free."""
+def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
+    """An exclusive advisory lock (flock) held for the block.
+
+    Raises:
+        BlockingIOError: `blocking=False` and another process holds it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         try:
             yield
         finally:
@@ -198,31 +202,44 @@ def _callbacks() -> tuple[Any, Any]:
 
 
 # ------------------------------------------------------------------ one run
-def run(spec: RunSpec, runs_dir: Path | str = "runs") -> dict[str, Any]:
+def run_lock(spec: RunSpec, runs_dir: Path, blocking: bool = True) -> Any:
+    """The lock that makes a run happen once across processes and runners."""
+    return file_lock(Path(runs_dir) / spec.sweep / f".{spec.run_id}.lock", blocking=blocking)
+
+
+def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True) -> dict[str, Any] | None:
     """Train and evaluate one spec; return its result (also in result.json).
 
     A completed run is not repeated: its result is returned. An interrupted
-    run resumes from `checkpoints/last.ckpt`. A fine-tuning run first makes
-    sure its pretraining run exists (running it under a lock, so concurrent
-    workers pretrain it once).
+    run resumes from `checkpoints/last.ckpt`. The run holds a lock while it
+    works, so concurrent workers never train it twice (with
+    `blocking=False`, None is returned when another process holds it). A
+    fine-tuning run first makes sure its pretraining run exists, under that
+    run's lock.
+
+    Raises:
+        SpecError / DataError / ModelError: bad input, before anything is written.
     """
     runs_dir = Path(runs_dir)
     run_dir = run_dir_for(spec, runs_dir)
-    done = read_result(run_dir)
-    if done is not None and done.get("status") == "completed":
-        return done
-    datamodule = preflight(spec)
-    upstream_dir = None
-    upstream = spec.upstream()
-    if upstream is not None:
-        upstream_dir = ensure_pretrained(upstream, runs_dir)
-    return _train(spec, run_dir, datamodule, upstream_dir)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run_lock(spec, runs_dir, blocking=blocking))
+        except BlockingIOError:
+            return None
+        done = read_result(run_dir)
+        if done is not None and done.get("status") == "completed":
+            return done
+        datamodule = preflight(spec)
+        upstream = spec.upstream()
+        upstream_dir = ensure_pretrained(upstream, runs_dir) if upstream is not None else None
+        return _train(spec, run_dir, datamodule, upstream_dir)
 
 
 def ensure_pretrained(upstream: RunSpec, runs_dir: Path) -> Path:
-    """Run the pretraining spec once (under a lock) and return its directory."""
+    """Run the pretraining spec once (under its lock) and return its directory."""
     up_dir = run_dir_for(upstream, runs_dir)
-    with file_lock(up_dir.parent / f".{upstream.run_id}.lock"):
+    with run_lock(upstream, runs_dir):
         result = read_result(up_dir)
         if result is None or result.get("status") != "completed":
             result = _train(upstream, up_dir, preflight(upstream), None)
@@ -287,6 +304,8 @@ def _train(spec: RunSpec, run_dir: Path, datamodule: Any, upstream_dir: Path | N
             log_every_n_steps=max(1, min(50, steps // 20)), logger=loggers,
             callbacks=[checkpoint, history, clock], enable_model_summary=False, default_root_dir=str(run_dir))
         last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            base["resumed_at_step"] = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None,
                     weights_only=True if last.is_file() else None)
         train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
@@ -358,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name in ("profile", "role"):
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=None,
+        flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])  # wandb agent: --a_b
+        parser.add_argument(*flags, dest=f.name, type=kind, default=None,
                             help=f"({str(f.type)})")
     return parser
 
