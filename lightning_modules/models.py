@@ -58,9 +58,8 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
         if not pretrained:
             return VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes, **config)
         drop_path = config.pop("drop_path_rate", 0.0)
-        reference = timm.create_model(info.timm_name, pretrained=True, img_size=img_size,
-                                      drop_path_rate=drop_path, **timm_kwargs)
-        return VisionTransformer.from_timm(reference)
+        reference = timm.create_model(info.timm_name, pretrained=True, img_size=img_size, **timm_kwargs)
+        return VisionTransformer.from_timm(reference, drop_path_rate=drop_path)
     return timm.create_model(info.timm_name.split(".")[0] if not pretrained else info.timm_name,
                              pretrained=pretrained, **timm_kwargs, **overrides)
 
@@ -92,7 +91,7 @@ def load_backbone(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[s
 
 def _is_head(net: nn.Module, key: str) -> bool:
     """True for the classifier's parameters (timm: `get_classifier()`)."""
-    classifier = net.get_classifier()
+    classifier = net.get_classifier() if hasattr(net, "get_classifier") else net.head.fc
     names = {f"{n}.{p}" for n, m in net.named_modules() if m is classifier for p, _ in m.named_parameters()}
     return key in names
 
