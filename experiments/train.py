@@ -202,8 +202,26 @@ def _callbacks() -> tuple[Any, Any]:
 
 
 # ------------------------------------------------------------------ one run
+def ddp_rank() -> int:
+    """This process's rank among the DDP processes of one run (0 when it is the only one).
+
+    Read from the variables the launchers set (Lightning's subprocess launcher,
+    torchrun, SLURM's srun), as Lightning's own `rank_zero_only` does.
+    """
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "0") != "0":
+            return int(os.environ[key])
+    return 0
+
+
 def run_lock(spec: RunSpec, runs_dir: Path, blocking: bool = True) -> Any:
-    """The lock that makes a run happen once across processes and runners."""
+    """The lock that makes a run happen once across processes and runners.
+
+    Rank 0 of a multi-GPU run holds it for all ranks: the others (which would
+    otherwise wait for it while rank 0 waits for them) take no lock.
+    """
+    if ddp_rank() > 0:
+        return contextlib.nullcontext()
     return file_lock(Path(runs_dir) / spec.sweep / f".{spec.run_id}.lock", blocking=blocking)
 
 
@@ -222,15 +240,18 @@ def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True) -> 
     """
     runs_dir = Path(runs_dir)
     run_dir = run_dir_for(spec, runs_dir)
+    done = read_result(run_dir)
+    if done is not None and done.get("status") == "completed":
+        return done
+    datamodule = preflight(spec)  # bad input fails here, before anything is written
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(run_lock(spec, runs_dir, blocking=blocking))
         except BlockingIOError:
             return None
-        done = read_result(run_dir)
+        done = read_result(run_dir)  # another worker may have finished it meanwhile
         if done is not None and done.get("status") == "completed":
             return done
-        datamodule = preflight(spec)
         upstream = spec.upstream()
         upstream_dir = ensure_pretrained(upstream, runs_dir) if upstream is not None else None
         return _train(spec, run_dir, datamodule, upstream_dir)
@@ -287,7 +308,8 @@ def _train(spec: RunSpec, run_dir: Path, datamodule: Any, upstream_dir: Path | N
         module = ImageClassifier(net, datamodule.num_classes, lr=spec.lr, weight_decay=spec.weight_decay,
                                  total_steps=steps, warmup_steps=round(spec.warmup_frac * steps),
                                  min_lr_ratio=spec.min_lr_ratio, label_smoothing=spec.label_smoothing)
-        loggers: list[Any] = [CSVLogger(str(run_dir), name="", version="")]
+        attempt = len(list((run_dir / "logs").glob("attempt*")))
+        loggers: list[Any] = [CSVLogger(str(run_dir / "logs"), name="", version=f"attempt{attempt}")]
         mode = wandb_mode(spec.wandb)
         if mode != "off":
             logger_wandb = wandb_logger(spec, run_dir, mode)
@@ -306,9 +328,13 @@ def _train(spec: RunSpec, run_dir: Path, datamodule: Any, upstream_dir: Path | N
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
             base["resumed_at_step"] = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
+        write_json_atomic(run_dir / "logs" / f"attempt{attempt}" / "start.json",
+                          {"step": base.get("resumed_at_step", 0)})
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None,
                     weights_only=True if last.is_file() else None)
+        # read before trainer.test(): it resets callback_metrics and restores callback state from best.ckpt
         train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+        seen, train_seconds, steps_done = clock.images, clock.seconds, trainer.global_step
         if module.diverged:
             raise FloatingPointError("training loss became non-finite")
         selected = max(history.history, key=lambda h: h["val/acc1"])  # first best, as ModelCheckpoint keeps
@@ -320,21 +346,48 @@ def _train(spec: RunSpec, run_dir: Path, datamodule: Any, upstream_dir: Path | N
         if spec.role == "pretrain":
             torch.save(module.net.state_dict(), run_dir / "model.pt")
         base.update(status="completed", selected=selected, metrics=metrics, params=params,
-                    flops_per_image=flops, train_steps=trainer.global_step, train_images_seen=clock.images,
-                    train_flops=3.0 * flops * clock.images,
-                    train_images_per_s=clock.images / clock.seconds if clock.seconds else None,
-                    train_time_s=clock.seconds)
+                    flops_per_image=flops, train_steps=steps_done, train_images_seen=seen,
+                    train_flops=3.0 * flops * seen, train_images_per_s=seen / train_seconds if train_seconds else None,
+                    train_time_s=train_seconds)
     except Exception as exc:  # recorded, not hidden: status + one-line error + error.log
         base["status"] = "diverged" if isinstance(exc, FloatingPointError) else "failed"
         base["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         (run_dir / "error.log").write_text(traceback.format_exc())
     base.update(wall_time_s=time.perf_counter() - t0, versions=versions(), git_commit=git_commit(),
-                hostname=socket.gethostname(), started_at=started.isoformat(timespec="seconds"),
+                hostname=socket.gethostname(), pid=os.getpid(), started_at=started.isoformat(timespec="seconds"),
                 finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    merge_metrics(run_dir)
     if logger_wandb is not None:
         _finish_wandb(logger_wandb, base)
     write_json_atomic(run_dir / "result.json", base)
     return base
+
+
+def merge_metrics(run_dir: Path) -> None:
+    """Join the attempts' CSV logs into run_dir/metrics.csv, one row per logged event.
+
+    A killed attempt may have logged steps past the checkpoint the next one
+    resumed from; those rows are dropped, so no step appears twice.
+    """
+    import csv
+
+    attempts = sorted((run_dir / "logs").glob("attempt*/start.json"), key=lambda p: int(p.parent.name[7:]))
+    starts = [json.loads(path.read_text())["step"] for path in attempts]
+    rows: list[dict[str, str]] = []
+    for path, next_start in zip(attempts, starts[1:] + [None]):
+        table = path.with_name("metrics.csv")
+        if table.is_file():
+            rows += [r for r in csv.DictReader(open(table, newline=""))
+                     if next_start is None or int(r.get("step") or 0) < next_start]
+    if not rows:
+        return
+    header = sorted(set().union(*rows), key=lambda k: (k not in ("epoch", "step"), k))
+    tmp = run_dir / ".metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, run_dir / "metrics.csv")
 
 
 def _accuracy(module: Any, loader: Any, precision: str) -> float:
@@ -361,6 +414,7 @@ def _finish_wandb(logger: Any, result: dict[str, Any]) -> None:
                "train_images_per_s": result.get("train_images_per_s"), "error": result.get("error")}
     summary.update(result.get("metrics", {}))
     summary.update({f"selected/{k}": v for k, v in result.get("selected", {}).items()})
+    summary["result"] = result  # the whole record, so analysis --from-wandb matches result.json
     experiment.summary.update({k: v for k, v in summary.items() if v is not None})
     experiment.finish()
 
@@ -398,7 +452,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
             data["profile"] = args.profile
         return RunSpec.from_dict(data)
     if "max_steps" in overrides:  # a cap on the budget: the floor follows it down
-        overrides.setdefault("min_steps", min(overrides["max_steps"], PROFILES[args.profile or "cpu"]["min_steps"]))
+        floor = PROFILES[args.profile or "cpu"]["min_steps"]
+        overrides.setdefault("min_steps", max(1, min(overrides["max_steps"], floor)))
     return RunSpec.create(args.profile or "cpu", **overrides)
 
 

@@ -91,7 +91,7 @@ def load_backbone(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[s
 
 def _is_head(net: nn.Module, key: str) -> bool:
     """True for the classifier's parameters (timm: `get_classifier()`)."""
-    classifier = net.get_classifier() if hasattr(net, "get_classifier") else net.head.fc
+    classifier = net.get_classifier()
     names = {f"{n}.{p}" for n, m in net.named_modules() if m is classifier for p, _ in m.named_parameters()}
     return key in names
 
@@ -101,13 +101,19 @@ def count_params(net: nn.Module) -> int:
 
 
 def flops_per_image(net: nn.Module, in_chans: int, img_size: int) -> int:
-    """Forward FLOPs for one image (2 x multiply-adds), counted by torch's FlopCounterMode."""
+    """Forward FLOPs for one image (2 x multiply-adds), counted by torch's FlopCounterMode.
+
+    Attention runs on SDPA's math backend while counting: the fused CPU
+    kernels are invisible to the counter and would drop the QK^T and AV
+    products (ViT-S/16 would read 4.24 instead of 4.6 GMACs).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     was_training = net.training
     net.eval()
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         net(torch.zeros(1, in_chans, img_size, img_size, device=next(net.parameters()).device))
     net.train(was_training)
     return int(counter.get_total_flops())

@@ -562,6 +562,10 @@ class VisionTransformer(nn.Module):
         _, attention = self.encoder(tokens, return_attention=True)
         return attention
 
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer (timm's interface)."""
+        return self.head.fc
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replaces the classifier with a fresh one for `num_classes` (0: no classifier)."""
         self.num_classes = num_classes

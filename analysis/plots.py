@@ -1,0 +1,288 @@
+"""Comparison figures: DataFrames of runs in, matplotlib Figures out.
+
+Every `plot_*` function takes the tidy runs frame of `analysis.collect` and
+returns a Figure (tests inspect its axes), or raises `NoData` with the reason
+when the sweep has nothing to show: no figure is ever empty. Colours follow
+the model (seaborn's colour-blind palette), line style and marker the
+pretraining; shaded bands are 95% bootstrap CIs over seeds (none at n=1).
+
+    python -m analysis.plots --sweep default [--runs-dir runs] [--results-dir results]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from analysis import files, stats
+from analysis.tables import NoData, condition_label, conditions
+
+log = logging.getLogger(__name__)
+
+COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper
+PANEL_HEIGHT = 2.4
+DPI = 200
+STYLE = {
+    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 6.5,
+    "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.2, "lines.markersize": 3.5,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+    "grid.linewidth": 0.5, "legend.frameon": False,
+}
+LINESTYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+ACC_LABEL = "test accuracy (%)"
+IMAGES_LABEL = "training images"
+
+
+# --------------------------------------------------------------- styling
+class _Styler:
+    """Consistent colour per model and line style/marker per condition."""
+
+    def __init__(self, runs: pd.DataFrame) -> None:
+        models = sorted(runs[["model", "arch"]].drop_duplicates().itertuples(index=False), key=lambda m: (m[1], m[0]))
+        colors = sns.color_palette("colorblind", max(len(models), 1))
+        self.color = {m: colors[i] for i, (m, _) in enumerate(models)}
+        labels = [condition_label(p, s) for p, s in conditions(runs)]
+        self.style = {c: (LINESTYLES[i % len(LINESTYLES)], MARKERS[i % len(MARKERS)]) for i, c in enumerate(labels)}
+        self.order = {key: i for i, key in enumerate((m, c) for m, _ in models for c in labels)}
+
+    def line(self, model: str, condition: str) -> dict:
+        """Keyword arguments for `Axes.plot`."""
+        linestyle, marker = self.style[condition]
+        return dict(color=self.color[model], linestyle=linestyle, marker=marker, label=f"{model} · {condition}")
+
+
+def _figure(n_rows: int, n_cols: int) -> tuple[Figure, np.ndarray]:
+    """A constrained-layout figure, one column width per panel column."""
+    fig = Figure(figsize=(COLUMN_WIDTH * n_cols, PANEL_HEIGHT * n_rows + 0.5), layout="constrained")
+    axes = np.asarray(fig.subplots(n_rows, n_cols, squeeze=False))
+    return fig, axes
+
+
+def _finish(fig: Figure) -> Figure:
+    """Put one legend (all distinct labelled lines) under the panels."""
+    handles = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=2)
+    return fig
+
+
+def _band_line(ax: Axes, x: np.ndarray, cell: pd.DataFrame, scale: float, **kw: object) -> None:
+    """Means as a line with markers, plus a CI band where n >= 2."""
+    order = np.argsort(x, kind="stable")
+    x, cell = np.asarray(x, dtype=float)[order], cell.iloc[order]
+    ax.plot(x, cell["mean"] * scale, **kw)
+    band = (cell["n"] >= 2).to_numpy()
+    if band.any():
+        ax.fill_between(x, cell["ci_low"] * scale, cell["ci_high"] * scale, where=band,
+                        color=kw["color"], alpha=0.18, linewidth=0)
+
+
+def _curves(ax: Axes, summary: pd.DataFrame, x: str, styler: _Styler, scale: float = 100.0) -> None:
+    """One line per (model, condition) of `summary` against column `x`."""
+    groups = summary[summary["n"] > 0].groupby(["model", "pretraining", "pretrain_size"], dropna=False)
+    lines = {(model, condition_label(pre, size)): cell for (model, pre, size), cell in groups}
+    for key in sorted(lines, key=styler.order.__getitem__):
+        _band_line(ax, lines[key][x].to_numpy(), lines[key], scale, **styler.line(*key))
+
+
+def _datasets(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    return [(str(d), g) for d, g in frame.groupby("dataset", sort=True)]
+
+
+# --------------------------------------------------------------- the figures
+def plot_data_efficiency(runs: pd.DataFrame, metric: str = stats.METRIC) -> Figure:
+    """Fig. 1: test accuracy (%) vs training images (log x), one line per model × pretraining."""
+    summary = stats.summarize(runs, metric)
+    summary = summary[summary["n"] > 0]
+    if summary.empty:
+        raise NoData(f"no completed runs with {metric}")
+    styler = _Styler(stats.targets(runs))
+    panels = _datasets(summary)
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(1, len(panels))
+        for ax, (dataset, cell) in zip(axes[0], panels):
+            _curves(ax, cell, "n_images", styler)
+            ax.set(xscale="log", xlabel=IMAGES_LABEL, ylabel=ACC_LABEL, title=dataset)
+        return _finish(fig)
+
+
+def plot_pretraining_effect(runs: pd.DataFrame, metric: str = stats.METRIC) -> Figure:
+    """Fig. 2: accuracy gain (points) of each pretraining over scratch vs training images (log x)."""
+    gains = stats.pretraining_gains(runs, metric)
+    if gains.empty:
+        raise NoData("no pretrained runs with a matching scratch run (same model, fraction and seed)")
+    styler = _Styler(stats.targets(runs))
+    panels = _datasets(gains)
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(1, len(panels))
+        for ax, (dataset, cell) in zip(axes[0], panels):
+            ax.axhline(0.0, color="0.4", linewidth=0.8)
+            _curves(ax, cell, "n_images", styler)
+            ax.set(xscale="log", xlabel=IMAGES_LABEL, ylabel="gain over scratch (points)", title=dataset)
+        return _finish(fig)
+
+
+def plot_pretraining_scale(runs: pd.DataFrame, metric: str = stats.METRIC) -> Figure:
+    """Fig. 3: accuracy vs pretraining-set size (log x), per source with >= 2 sizes.
+
+    One panel per (dataset, source); one line per model and training fraction
+    (colour: model, style: fraction).
+    """
+    summary = stats.summarize(runs, metric)
+    summary = summary[(summary["n"] > 0) & summary["pretrain_size"].notna()]
+    panels = [(d, s, g) for (d, s), g in summary.groupby(["dataset", "pretraining"], sort=True)
+              if g["pretrain_size"].nunique() >= 2]
+    if not panels:
+        raise NoData("no pretraining source with >= 2 pretraining-set sizes")
+    styler = _Styler(stats.targets(runs))
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(1, len(panels))
+        for ax, (dataset, source, cell) in zip(axes[0], panels):
+            fractions = sorted(cell["train_fraction"].unique())
+            for (model, fraction), line in cell.groupby(["model", "train_fraction"], sort=True):
+                i = fractions.index(fraction)
+                _band_line(ax, line["pretrain_size"].to_numpy(dtype=float), line, 100.0,
+                           color=styler.color[model], linestyle=LINESTYLES[i % len(LINESTYLES)],
+                           marker=MARKERS[i % len(MARKERS)], label=f"{model} · {100 * fraction:g}% of data")
+            ax.set(xscale="log", xlabel=f"{source} pretraining images", ylabel=ACC_LABEL, title=dataset)
+        return _finish(fig)
+
+
+def _severity_summary(runs: pd.DataFrame, columns: dict[str, tuple[str, int]], metric: str) -> pd.DataFrame:
+    """Per cell at the largest fraction of each dataset: accuracy at each severity (0 = clean)."""
+    runs = runs.copy()
+    severities = sorted({sev for _, sev in columns.values()})
+    runs["severity/0"] = runs[metric]
+    for sev in severities:
+        runs[f"severity/{sev}"] = runs[[c for c, (_, s) in columns.items() if s == sev]].astype(float).mean(axis=1)
+    largest = runs.groupby("dataset")["train_fraction"].transform("max")
+    runs = runs[runs["train_fraction"] == largest]
+    parts = [stats.summarize(runs, f"severity/{sev}").assign(severity=sev) for sev in [0, *severities]]
+    return pd.concat(parts, ignore_index=True)
+
+
+def plot_generalization(runs: pd.DataFrame, metric: str = stats.METRIC) -> Figure:
+    """Fig. 4: accuracy vs corruption severity, and the train-test gap vs training images.
+
+    Left (when the runs carry `corrupt/<name>/<severity>/acc1`): accuracy
+    averaged over corruptions at each severity, 0 = clean, at the largest
+    training fraction. Right (when they carry `train/acc1`): train − test
+    accuracy in points against training images (log x). One row per dataset.
+    """
+    runs = stats.with_generalization(runs)
+    columns = stats.corruption_columns(runs)
+    kinds = []
+    if columns and stats.usable(runs, "corrupt/mean_acc1").shape[0]:
+        kinds.append("severity")
+    if "train_test_gap" in runs and stats.usable(runs, "train_test_gap").shape[0]:
+        kinds.append("gap")
+    if not kinds:
+        raise NoData("runs carry neither corrupt/<name>/<severity>/acc1 nor train/acc1")
+    styler = _Styler(stats.targets(runs))
+    severity = _severity_summary(runs, columns, metric) if "severity" in kinds else None
+    gap = stats.summarize(runs, "train_test_gap") if "gap" in kinds else None
+    datasets = sorted(stats.usable(runs, metric)["dataset"].unique())
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(len(datasets), len(kinds))
+        for row, dataset in zip(axes, datasets):
+            for ax, kind in zip(row, kinds):
+                if kind == "severity":
+                    _curves(ax, severity[severity["dataset"] == dataset], "severity", styler)
+                    ax.set(xlabel="corruption severity (0 = clean)", ylabel=ACC_LABEL, title=dataset,
+                           xticks=sorted(severity["severity"].unique()))
+                else:
+                    _curves(ax, gap[gap["dataset"] == dataset], "n_images", styler)
+                    ax.set(xscale="log", xlabel=IMAGES_LABEL, ylabel="train − test accuracy (points)", title=dataset)
+        return _finish(fig)
+
+
+COST_AXES = {"train_flops": "training FLOPs", "wall_time_s": "wall time (s)"}
+
+
+def plot_cost(runs: pd.DataFrame, metric: str = stats.METRIC) -> Figure:
+    """Fig. 5: test accuracy vs training FLOPs and vs wall time (log x), where recorded."""
+    ok = stats.usable(runs, metric)
+    kinds = [c for c in COST_AXES if c in ok and ok[c].notna().any()]
+    if not kinds:
+        raise NoData("runs record neither train_flops nor wall_time_s")
+    acc = stats.summarize(runs, metric)
+    styler = _Styler(stats.targets(runs))
+    datasets = sorted(ok["dataset"].unique())
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(len(datasets), len(kinds))
+        for row, dataset in zip(axes, datasets):
+            for ax, kind in zip(row, kinds):
+                cost = stats.summarize(runs, kind)[[*stats.CELL, "mean"]].rename(columns={"mean": kind})
+                cell = acc[acc["dataset"] == dataset].merge(cost, on=stats.CELL).dropna(subset=[kind])
+                _curves(ax, cell, kind, styler)
+                ax.set(xscale="log", xlabel=COST_AXES[kind], ylabel=ACC_LABEL, title=dataset)
+        return _finish(fig)
+
+
+FIGURES: dict[str, Callable[[pd.DataFrame], Figure]] = {
+    "fig1_data_efficiency": plot_data_efficiency,
+    "fig2_pretraining_effect": plot_pretraining_effect,
+    "fig3_pretraining_scale": plot_pretraining_scale,
+    "fig4_generalization": plot_generalization,
+    "fig5_cost": plot_cost,
+}
+
+
+# --------------------------------------------------------------- saving
+def save_figure(fig: Figure, stem: Path) -> list[Path]:
+    """Write `stem.png` (dpi 200) and `stem.pdf` atomically, without timestamps (byte-reproducible)."""
+    stem = Path(stem)
+    out = []
+    for fmt, metadata in (("png", {"Software": None}),
+                          ("pdf", {"Creator": None, "Producer": None, "CreationDate": None})):
+        path = stem.with_suffix(f".{fmt}")
+        files.atomic_write(path, lambda fh, fmt=fmt, md=metadata: fig.savefig(fh, format=fmt, dpi=DPI, metadata=md))
+        out.append(path)
+    return out
+
+
+def write_figures(runs: pd.DataFrame, out_dir: Path) -> tuple[dict[str, list[Path]], dict[str, str]]:
+    """Draw and save every figure that has data (and delete stale files of skipped ones).
+
+    Returns:
+        {figure name: [png, pdf]} and {skipped figure name: reason}.
+    """
+    written, skipped = {}, {}
+    for name, plot in FIGURES.items():
+        try:
+            fig = plot(runs)
+        except NoData as reason:
+            log.info("figure %s skipped: %s", name, reason)
+            skipped[name] = str(reason)
+            for suffix in (".png", ".pdf"):
+                (Path(out_dir) / f"{name}{suffix}").unlink(missing_ok=True)
+            continue
+        written[name] = save_figure(fig, Path(out_dir) / name)
+    return written, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: regenerate `results/SWEEP/figures/` only."""
+    from analysis import cli
+
+    args = cli.parser("Regenerate a sweep's figures (PNG and PDF).").parse_args(argv)
+    runs = cli.load(args).runs
+    out_dir = Path(args.results_dir) / args.sweep / "figures"
+    written, skipped = write_figures(runs, out_dir)
+    print(f"{len(written)} figures -> {out_dir} ({len(skipped)} skipped: {', '.join(skipped) or 'none'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

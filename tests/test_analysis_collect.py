@@ -1,0 +1,167 @@
+"""analysis.collect: result.json files (and W&B runs) -> one schema-checked DataFrame."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from types import SimpleNamespace
+
+import pytest
+from analysis_fixtures import SWEEP, make_result, small_sweep, write_result, write_runs
+
+from analysis import collect
+
+
+def test_one_row_per_run_with_flattened_sections(tmp_path):
+    write_runs(tmp_path, small_sweep())
+    runs = collect.collect_runs(tmp_path, SWEEP)
+    assert len(runs) == len(small_sweep())
+    assert list(runs.columns[: len(collect.FIELDS)]) == list(collect.FIELDS)
+    for col in ("role", "path", "test/acc1", "test/acc5", "selected/val/acc1", "selected/step",
+                "versions/python", "spec/lr", "spec/role"):
+        assert col in runs.columns
+    assert str(runs["seed"].dtype) == "Int64" and str(runs["pretrain_size"].dtype) == "Int64"
+    assert set(runs["role"]) == {"train"}
+    first = runs.iloc[0]
+    assert first["path"] == f"{SWEEP}/{first['run_id']}/result.json"
+
+
+def test_rows_are_sorted_by_model_condition_fraction_seed(tmp_path):
+    write_runs(tmp_path, small_sweep())
+    runs = collect.collect_runs(tmp_path, SWEEP)
+    keys = list(zip(runs["model"], runs["pretraining"], runs["train_fraction"], runs["seed"]))
+    assert keys == sorted(keys)
+
+
+def test_missing_metric_is_nan_and_failed_run_is_kept(tmp_path):
+    write_runs(tmp_path, small_sweep())
+    runs = collect.collect_runs(tmp_path, SWEEP)
+    no_acc = runs[(runs["pretraining"] == "fractaldb") & (runs["train_fraction"] == 0.1)]
+    assert len(no_acc) == 1 and math.isnan(no_acc["test/acc1"].iloc[0])
+    assert sorted(runs["status"].value_counts().items()) == [("completed", 11), ("diverged", 1), ("failed", 1)]
+
+
+def _without(record: dict, key: str) -> dict:
+    return {k: v for k, v in record.items() if k != key}
+
+
+BAD = {
+    "bad_json": ('{"run_id": "x",', "unreadable"),
+    "not_an_object": ("[1, 2, 3]", "not an object"),
+    "missing_key": (_without(make_result(seed=7), "arch"), "missing required key 'arch'"),
+    "wrong_type": ({**make_result(seed=8), "seed": "8"}, "seed='8' is not an int"),
+    "bool_is_not_a_number": ({**make_result(seed=9), "train_fraction": True}, "train_fraction=True"),
+    "bad_status": ({**make_result(seed=10), "status": "running"}, "status='running'"),
+    "bad_metric": ({**make_result(seed=11), "metrics": {"test/acc1": "high"}}, "metrics['test/acc1']"),
+    "bad_fraction": ({**make_result(seed=12), "train_fraction": 1.5}, "not in (0, 1]"),
+    "future_schema": ({**make_result(seed=13), "schema_version": 2}, "schema_version=2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_file_is_skipped_with_its_path(tmp_path, caplog, case):
+    record, reason = BAD[case]
+    write_runs(tmp_path, small_sweep())
+    path = write_result(tmp_path, record, run_id="bad000000000")
+    with caplog.at_level(logging.WARNING, logger="analysis.collect"):
+        collection = collect.collect(tmp_path, SWEEP)
+    assert len(collection.runs) == len(small_sweep())
+    rel = path.relative_to(tmp_path).as_posix()
+    assert [p for p, _ in collection.skipped] == [rel]
+    assert reason in collection.skipped[0][1]
+    assert rel in caplog.text and reason in caplog.text
+
+
+def test_duplicate_run_id_keeps_the_first(tmp_path, caplog):
+    record = make_result()
+    write_result(tmp_path, record)
+    write_result(tmp_path, record, run_id="zz_copy")
+    with caplog.at_level(logging.WARNING):
+        collection = collect.collect(tmp_path, SWEEP)
+    assert len(collection.runs) == 1 and "duplicate run_id" in collection.skipped[0][1]
+
+
+def test_upstream_pretraining_run_gets_role_pretrain(tmp_path):
+    upstream = make_result("vit_tiny_p4", 1.0, dataset="fractaldb", acc=0.3)
+    target = make_result("vit_tiny_p4", 0.01, pretraining="fractaldb", pretrain_size=12800,
+                         pretrained_from=upstream["run_id"])
+    write_runs(tmp_path, [upstream, target])
+    runs = collect.collect_runs(tmp_path, SWEEP).set_index("run_id")
+    assert runs.loc[upstream["run_id"], "role"] == "pretrain"
+    assert runs.loc[target["run_id"], "role"] == "train"
+
+
+def test_role_is_read_from_the_result(tmp_path):
+    write_runs(tmp_path, [make_result(dataset="fractaldb", role="pretrain"), make_result()])
+    assert sorted(collect.collect_runs(tmp_path, SWEEP)["role"]) == ["pretrain", "train"]
+
+
+def test_sweep_selects_its_folder(tmp_path):
+    write_result(tmp_path, make_result())
+    other = tmp_path / "other" / "abc" / "result.json"
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps(make_result(seed=5, sweep="other")))
+    assert len(collect.collect_runs(tmp_path, SWEEP)) == 1
+    assert len(collect.collect_runs(tmp_path)) == 2
+    assert collect.collect_runs(tmp_path, "missing").empty
+
+
+def test_save_runs_is_atomic_and_deterministic(tmp_path):
+    write_runs(tmp_path / "runs", small_sweep())
+    runs = collect.collect_runs(tmp_path / "runs", SWEEP)
+    path = collect.save_runs(runs, tmp_path / "results", SWEEP)
+    first = path.read_bytes()
+    collect.save_runs(collect.collect_runs(tmp_path / "runs", SWEEP), tmp_path / "results", SWEEP)
+    assert path == tmp_path / "results" / SWEEP / "runs.csv"
+    assert path.read_bytes() == first
+    assert [p.name for p in path.parent.iterdir()] == ["runs.csv"]  # no temp file left
+    assert first.decode().splitlines()[0].startswith("schema_version,run_id,sweep,status")
+
+
+def test_cli_writes_csv_and_exits_2_without_runs(tmp_path, capsys):
+    write_runs(tmp_path / "runs", small_sweep())
+    args = ["--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
+    assert collect.main(["--sweep", SWEEP, *args]) == 0
+    assert (tmp_path / "results" / SWEEP / "runs.csv").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        collect.main(["--sweep", "empty", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no runs for sweep 'empty'")
+
+
+class FakeApi:
+    """Stands in for wandb.Api(): records the query, returns canned runs."""
+
+    def __init__(self, runs):
+        self._runs, self.calls = runs, []
+
+    def runs(self, path, filters=None):
+        self.calls.append((path, filters))
+        return list(self._runs)
+
+
+def test_from_wandb_reads_result_dicts_and_config_summary(caplog):
+    full = make_result("resnet50", 0.01, 0, 0.8)
+    spec = make_result("vit_tiny_p4", 0.01, 0)["spec"]
+    runs = [
+        SimpleNamespace(id="b_full", state="finished", config=spec, summary={"result": full}),
+        SimpleNamespace(id="a_cfg", state="finished", config={**spec, "arch": "vit", "sweep": SWEEP},
+                        summary={"test/acc1": 0.7, "val/acc1": 0.72, "selected/val/acc1": 0.71,
+                                 "params": 1200, "trainer/global_step": 5, "_runtime": 3.0}),
+        SimpleNamespace(id="c_running", state="running", config={**spec, "arch": "vit"}, summary={}),
+    ]
+    api = FakeApi(runs)
+    with caplog.at_level(logging.WARNING):
+        collection = collect.from_wandb("me/proj", SWEEP, api=api)
+    assert api.calls == [("me/proj", {"group": SWEEP})]
+    frame = collection.runs.set_index("run_id")
+    assert sorted(frame.index) == sorted([full["run_id"], "a_cfg"])
+    assert frame.loc["a_cfg", "test/acc1"] == 0.7 and frame.loc["a_cfg", "selected/val/acc1"] == 0.71
+    assert frame.loc["a_cfg", "status"] == "completed" and frame.loc["a_cfg", "params"] == 1200
+    assert frame["pretrain_size"].isna().all()  # null for scratch, as in result.json
+    assert "trainer/global_step" not in frame.columns and frame.loc["a_cfg", "spec/lr"] == 1e-3
+    assert frame.loc[full["run_id"], "test/acc1"] == 0.8
+    assert collection.skipped == (("wandb:me/proj/c_running", "status='running' is not one of completed, "
+                                   "failed, diverged"),)

@@ -1,0 +1,127 @@
+"""analysis.plots: figures have the expected axes, lines and bands, or are skipped."""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+import pytest
+from analysis_fixtures import SWEEP, make_result, power_law_sweep, small_sweep, write_runs
+from matplotlib.collections import PolyCollection
+
+from analysis import collect, plots
+
+
+def runs_of(tmp_path, records) -> pd.DataFrame:
+    write_runs(tmp_path, records)
+    return collect.collect_runs(tmp_path, SWEEP)
+
+
+def labelled_lines(ax) -> list[str]:
+    """Labels of the data lines (reference lines such as y=0 have '_' labels)."""
+    return [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+
+
+def bands(ax) -> int:
+    return sum(isinstance(c, PolyCollection) for c in ax.collections)
+
+
+def with_generalization_metrics(records: list[dict]) -> list[dict]:
+    for r in records:
+        acc = r["metrics"].get("test/acc1")
+        if acc is not None:
+            r["metrics"].update({f"corrupt/{c}/{s}/acc1": acc - 0.05 * s for c in ("noise", "blur") for s in (1, 2)})
+            r["metrics"]["train/acc1"] = min(1.0, acc + 0.1)
+    return records
+
+
+def test_data_efficiency_axes_lines_and_bands(tmp_path):
+    fig = plots.plot_data_efficiency(runs_of(tmp_path, small_sweep()))
+    (ax,) = fig.axes
+    assert ax.get_xscale() == "log"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("training images", "test accuracy (%)")
+    assert labelled_lines(ax) == ["resnet50 · scratch", "resnet50 · fractaldb 12.8k",
+                                  "vit_tiny_p4 · scratch", "vit_tiny_p4 · fractaldb 12.8k"]
+    assert bands(ax) == 4  # every line has a cell with n=2
+    scratch = ax.get_lines()[0]
+    assert list(scratch.get_xdata()) == [540, 5400] and list(scratch.get_ydata()) == pytest.approx([82.0, 88.0])
+    assert fig.get_figwidth() == pytest.approx(plots.COLUMN_WIDTH)
+
+
+def test_no_bands_with_a_single_seed(tmp_path):
+    records = [make_result(m, f, 0, 0.8) for m in ("resnet50", "vit_tiny_p4") for f in (0.01, 0.1)]
+    (ax,) = plots.plot_data_efficiency(runs_of(tmp_path, records)).axes
+    assert len(labelled_lines(ax)) == 2 and bands(ax) == 0
+
+
+def test_no_completed_runs_means_no_figure(tmp_path):
+    runs = runs_of(tmp_path, [make_result(status="failed", acc=None)])
+    with pytest.raises(plots.NoData):
+        plots.plot_data_efficiency(runs)
+
+
+def test_pretraining_effect(tmp_path):
+    (ax,) = plots.plot_pretraining_effect(runs_of(tmp_path, small_sweep())).axes
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "gain over scratch (points)"
+    assert labelled_lines(ax) == ["resnet50 · fractaldb 12.8k", "vit_tiny_p4 · fractaldb 12.8k"]
+    assert list(ax.get_lines()[-1].get_ydata()) == pytest.approx([6.0])
+
+
+def test_pretraining_effect_skipped_without_pretraining(tmp_path):
+    with pytest.raises(plots.NoData, match="no pretrained runs"):
+        plots.plot_pretraining_effect(runs_of(tmp_path, power_law_sweep()))
+
+
+def test_pretraining_scale_needs_two_sizes(tmp_path):
+    with pytest.raises(plots.NoData, match=">= 2 pretraining-set sizes"):
+        plots.plot_pretraining_scale(runs_of(tmp_path / "one", small_sweep()))
+    records = small_sweep() + [make_result(m, 0.01, s, 0.85, "fractaldb", 50_000)
+                               for m in ("resnet50", "vit_tiny_p4") for s in (0, 1)]
+    (ax,) = plots.plot_pretraining_scale(runs_of(tmp_path / "two", records)).axes
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "fractaldb pretraining images"
+    assert labelled_lines(ax) == ["resnet50 · 1% of data", "vit_tiny_p4 · 1% of data"]
+    assert list(ax.get_lines()[0].get_xdata()) == [12800, 50000]
+
+
+def test_generalization_skipped_without_metrics(tmp_path):
+    with pytest.raises(plots.NoData, match="neither"):
+        plots.plot_generalization(runs_of(tmp_path, small_sweep()))
+
+
+def test_generalization_panels(tmp_path):
+    fig = plots.plot_generalization(runs_of(tmp_path, with_generalization_metrics(small_sweep())))
+    severity, gap = fig.axes
+    assert severity.get_xlabel() == "corruption severity (0 = clean)" and severity.get_xscale() == "linear"
+    assert list(severity.get_lines()[0].get_xdata()) == [0, 1, 2]
+    # at the largest fraction (10%, one seed): clean 88.0, then the mean over corruptions at severity 1, 2
+    assert list(severity.get_lines()[0].get_ydata()) == pytest.approx([88.0, 83.0, 78.0])
+    assert gap.get_xscale() == "log" and gap.get_ylabel() == "train − test accuracy (points)"
+    assert len(labelled_lines(gap)) == 4
+
+
+def test_cost_axes(tmp_path):
+    fig = plots.plot_cost(runs_of(tmp_path, small_sweep()))
+    assert [ax.get_xlabel() for ax in fig.axes] == ["training FLOPs", "wall time (s)"]
+    assert all(ax.get_xscale() == "log" for ax in fig.axes)
+    assert fig.get_figwidth() == pytest.approx(2 * plots.COLUMN_WIDTH)
+
+
+def test_save_figure_is_byte_reproducible(tmp_path):
+    runs = runs_of(tmp_path, small_sweep())
+    first = plots.save_figure(plots.plot_data_efficiency(runs), tmp_path / "a" / "fig")
+    second = plots.save_figure(plots.plot_data_efficiency(runs), tmp_path / "b" / "fig")
+    assert [p.name for p in first] == ["fig.png", "fig.pdf"]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    assert first[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and first[1].read_bytes()[:5] == b"%PDF-"
+
+
+def test_plots_cli_writes_figures_and_skips_empty_ones(tmp_path, caplog):
+    write_runs(tmp_path / "runs", small_sweep())
+    with caplog.at_level(logging.INFO, logger="analysis.plots"):
+        assert plots.main(["--sweep", SWEEP, "--runs-dir", str(tmp_path / "runs"),
+                           "--results-dir", str(tmp_path / "results")]) == 0
+    names = sorted(p.name for p in (tmp_path / "results" / SWEEP / "figures").iterdir())
+    assert names == [f"{stem}.{ext}" for stem in ("fig1_data_efficiency", "fig2_pretraining_effect", "fig5_cost")
+                     for ext in ("pdf", "png")]
+    assert "figure fig3_pretraining_scale skipped: no pretraining source with >= 2" in caplog.text
+    assert "figure fig4_generalization skipped: runs carry neither" in caplog.text

@@ -1,0 +1,94 @@
+"""The registry: one face for every net, pretrained weights through one function, honest FLOPs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from lightning_modules.catalog import MODELS
+from lightning_modules.models import ModelError, build_model, count_params, flops_per_image, load_backbone
+from lightning_modules.vit import VisionTransformer
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("name, size, chans", [("vit_tiny_p4", 32, 1), ("resnet50", 32, 1), ("resnet18", 32, 3),
+                                               ("vit_ti16", 224, 3)])
+def test_every_net_has_one_face(name: str, size: int, chans: int) -> None:
+    net = build_model(name, num_classes=7, in_chans=chans, img_size=size).eval()
+    x = torch.randn(2, chans, size, size)
+    with torch.no_grad():
+        features = net.forward_features(x)
+        assert torch.allclose(net.forward_head(features), net(x), atol=1e-5)
+        assert net.forward_head(features, pre_logits=True).shape == (2, net.num_features)
+    assert net(x).shape == (2, 7)
+
+
+def test_paper_scale_vits_have_the_published_sizes() -> None:
+    expected = {"vit_ti16": 5.7e6, "vit_s16": 22.1e6, "vit_b16": 86.6e6}  # timm / DeiT parameter counts
+    for name, params in expected.items():
+        n = count_params(build_model(name, 1000, 3, 224))
+        assert abs(n - params) / params < 0.01, (name, n)
+
+
+def test_flops_match_published_numbers() -> None:
+    # 2 x multiply-adds: ResNet50 4.1 GMACs, ViT-S/16 4.6 GMACs at 224 px
+    assert flops_per_image(build_model("resnet50", 1000, 3, 224), 3, 224) == pytest.approx(8.2e9, rel=0.03)
+    assert flops_per_image(build_model("vit_s16", 1000, 3, 224), 3, 224) == pytest.approx(9.2e9, rel=0.03)
+
+
+def test_unknown_model_and_missing_weights_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"model='vgg'.*allowed"):
+        build_model("vgg", 10, 3, 32)
+    with pytest.raises(ModelError, match="pretrained=True"):
+        build_model("vit_tiny_p4", 10, 1, 32, pretrained=True)
+    with pytest.raises(ModelError, match="weights_file"):
+        build_model("resnet18", 10, 3, 32, pretrained=True, weights_file=tmp_path / "none.pth")
+
+
+def test_imagenet_weights_from_a_local_file_reach_our_vit(tmp_path: Path) -> None:
+    """Pretrained loading goes through timm (a local file here, the hub online) and from_timm."""
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    weights = tmp_path / "vit_ti16.pth"
+    torch.save(reference.state_dict(), weights)
+    ours = build_model("vit_ti16", num_classes=1000, in_chans=3, img_size=224, pretrained=True,
+                       weights_file=weights).eval()
+    assert isinstance(ours, VisionTransformer)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), reference(x), atol=1e-4)
+
+
+def test_imagenet_weights_adapt_to_grey_images_and_new_classes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet18", pretrained=False)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), weights)
+    net = build_model("resnet18", num_classes=10, in_chans=1, img_size=32, pretrained=True, weights_file=weights)
+    assert torch.allclose(net.conv1.weight, reference.conv1.weight.sum(1, keepdim=True))  # timm sums RGB
+    assert torch.equal(net.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    assert net.fc.out_features == 10
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_p4", "resnet18"])
+def test_load_backbone_copies_everything_but_the_head(name: str) -> None:
+    upstream = build_model(name, num_classes=64, in_chans=1, img_size=32)
+    target = build_model(name, num_classes=10, in_chans=1, img_size=32)
+    skipped = load_backbone(target, upstream.state_dict())
+    head = {f"{n}" for n in skipped}
+    assert head and all("fc" in n for n in head)
+    for key, value in target.state_dict().items():
+        if key not in head:
+            assert torch.equal(value, upstream.state_dict()[key]), key
+    wrong = build_model(name, num_classes=10, in_chans=3, img_size=32)
+    with pytest.raises(ModelError, match="invalid pretrained weights"):
+        load_backbone(target, wrong.state_dict())
+
+
+def test_catalog_arch_labels() -> None:
+    assert {n for n, i in MODELS.items() if i.arch == "vit"} == {"vit_ti16", "vit_s16", "vit_b16", "vit_tiny_p4"}
+    assert {n for n, i in MODELS.items() if i.arch == "cnn"} == {"resnet50", "resnet18"}

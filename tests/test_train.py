@@ -1,0 +1,159 @@
+"""One run end to end: result.json contract, W&B offline logging, reuse, faults and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+from experiments.spec import RunSpec
+from experiments.train import main, run
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(dataset="synthetic", min_steps=6, max_steps=6, num_evals=2, val_size=32, batch_size=32,
+            precision="32-true")
+REQUIRED = {"schema_version", "run_id", "sweep", "status", "error", "model", "arch", "dataset", "train_fraction",
+            "seed", "data_seed", "pretraining", "pretrain_size", "pretrained_from", "profile", "role", "n_train",
+            "n_val", "n_test", "subset_hash", "spec", "selected", "metrics", "params", "flops_per_image",
+            "train_steps", "train_images_seen", "train_flops", "train_images_per_s", "train_time_s",
+            "wall_time_s", "versions", "git_commit", "started_at", "finished_at"}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunSpec, dict, Path]:
+    runs = tmp_path_factory.mktemp("runs")
+    spec = RunSpec.create("cpu", model="resnet18", wandb="offline", **TINY)
+    return spec, run(spec, runs), runs
+
+
+def test_result_json_follows_the_contract(finished: tuple[RunSpec, dict, Path]) -> None:
+    spec, result, runs = finished
+    run_dir = runs / "adhoc" / spec.run_id
+    on_disk = json.loads((run_dir / "result.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert REQUIRED <= set(on_disk), REQUIRED - set(on_disk)
+    assert on_disk["status"] == "completed" and on_disk["arch"] == "cnn"
+    assert RunSpec.from_dict(json.loads((run_dir / "spec.json").read_text())).run_id == spec.run_id
+    m = on_disk["metrics"]
+    assert {"test/acc1", "test/acc5", "test/nll", "test/ece", "train/acc1", "train/loss"} <= set(m)
+    assert all(0 <= m[k] <= 1 for k in ("test/acc1", "test/acc5", "test/ece", "train/acc1"))
+    assert on_disk["train_steps"] == 6 and on_disk["train_images_seen"] == 6 * 32
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_selection_is_on_validation(finished: tuple[RunSpec, dict, Path]) -> None:
+    spec, result, runs = finished
+    rows = list(csv.DictReader(open(runs / "adhoc" / spec.run_id / "metrics.csv")))
+    val = [float(r["val/acc1"]) for r in rows if r.get("val/acc1")]
+    assert len(val) == spec.num_evals and result["selected"]["val/acc1"] == pytest.approx(max(val))
+    assert any(r.get("train/loss") for r in rows)
+    assert not any(r.get("test/acc1") and r.get("val/acc1") for r in rows)
+
+
+def wandb_records(path: Path) -> Iterator[object]:
+    """Records of an offline `.wandb` file (a LevelDB-style log of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, chunk = path.read_bytes(), 7, b""
+    assert struct.unpack("<4sHB", data[:7])[:2] == (b":W&B", 0xBEE1)
+    while pos + 7 <= len(data):
+        space = 32768 - pos % 32768  # records never straddle a 32 KiB block header
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if space >= 7 else (0, 0, 0)
+        if space < 7 or (length == 0 and kind == 0):
+            pos += space
+            continue
+        chunk, pos = chunk + data[pos + 7: pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            yield record
+
+
+def test_wandb_offline_run_holds_config_and_metrics(finished: tuple[RunSpec, dict, Path]) -> None:
+    spec, result, runs = finished
+    offline = list((runs / "adhoc" / spec.run_id / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(offline) == 1
+    config, history, summary, run_record = {}, set(), {}, None
+    for record in wandb_records(offline[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run_record = record.run
+            config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in record.config.update})
+        elif kind == "history":
+            history |= {i.key or "/".join(i.nested_key) for i in record.history.item}
+        elif kind == "summary":
+            summary.update({i.key: json.loads(i.value_json) for i in record.summary.update if i.key})
+    assert run_record.run_group == "adhoc" and {"resnet18", "synthetic", "pretraining=none"} <= set(run_record.tags)
+    assert config["model"] == "resnet18" and config["run_id"] == spec.run_id and config["train_fraction"] == 1.0
+    assert {"train/loss", "val/acc1"} <= history
+    assert summary["test/acc1"] == pytest.approx(result["metrics"]["test/acc1"])
+
+
+def test_completed_runs_are_not_repeated(finished: tuple[RunSpec, dict, Path]) -> None:
+    spec, result, runs = finished
+    path = runs / "adhoc" / spec.run_id / "result.json"
+    before = path.stat().st_mtime_ns
+    assert run(spec, runs) == json.loads(path.read_text()) and path.stat().st_mtime_ns == before
+
+
+def test_both_nets_get_the_same_subset(tmp_path: Path) -> None:
+    results = [run(RunSpec.create("cpu", model=m, wandb="off", train_fraction=0.5, **TINY), tmp_path)
+               for m in ("vit_tiny_p4", "resnet18")]
+    assert results[0]["arch"] == "vit" and results[1]["arch"] == "cnn"
+    assert results[0]["subset_hash"] == results[1]["subset_hash"]
+    assert results[0]["n_train"] == results[1]["n_train"] == 256 - 16
+
+
+def test_a_run_that_breaks_records_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("lightning_modules.classifier.ImageClassifier.training_step", boom)
+    spec = RunSpec.create("cpu", model="resnet18", wandb="off", **TINY)
+    result = run(spec, tmp_path)
+    assert result["status"] == "failed" and result["error"] == "RuntimeError: disk on fire"
+    assert "Traceback" in (tmp_path / "adhoc" / spec.run_id / "error.log").read_text()
+
+
+def test_fractaldb_pretraining_then_fine_tuning(tmp_path: Path) -> None:
+    spec = RunSpec.create("cpu", model="vit_tiny_p4", wandb="off", pretraining="fractaldb", pretrain_steps=4,
+                          pretrain_size=64, pretrain_classes=4, **TINY)
+    result = run(spec, tmp_path)
+    up = spec.upstream()
+    up_result = json.loads((tmp_path / "adhoc" / up.run_id / "result.json").read_text())
+    assert result["status"] == up_result["status"] == "completed", (result["error"], up_result["error"])
+    assert up_result["role"] == "pretrain" and up_result["dataset"] == "fractaldb"
+    assert result["pretrained_from"] == up.run_id and result["pretrain_size"] == up_result["n_train"] == 64
+    assert (tmp_path / "adhoc" / up.run_id / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "vgg16"], "model='vgg16'"),
+    (["--dataset", "mnist"], "dataset='mnist'"),
+    (["--train-fraction", "1.5"], "train_fraction=1.5"),
+    (["--max-steps", "0"], "max_steps=0"),
+    (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "dataset=imagefolder"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args: list[str], needle: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    code = main(args + ["--runs-dir", str(tmp_path / "runs"), "--wandb", "off"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_is_a_module_entry_point(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "experiments.train", "--train-fraction", "2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: invalid train_fraction=2.0")
