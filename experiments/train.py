@@ -308,7 +308,7 @@ def _train(spec: RunSpec, run_dir: Path, datamodule: Any, upstream_dir: Path | N
         module = ImageClassifier(net, datamodule.num_classes, lr=spec.lr, weight_decay=spec.weight_decay,
                                  total_steps=steps, warmup_steps=round(spec.warmup_frac * steps),
                                  min_lr_ratio=spec.min_lr_ratio, label_smoothing=spec.label_smoothing)
-        attempt = len(list((run_dir / "logs").glob("attempt*")))
+        attempt = len(list((run_dir / "logs").glob("attempt*.json")))  # one per start of this run
         loggers: list[Any] = [CSVLogger(str(run_dir / "logs"), name="", version=f"attempt{attempt}")]
         mode = wandb_mode(spec.wandb)
         if mode != "off":
@@ -328,7 +328,7 @@ def _train(spec: RunSpec, run_dir: Path, datamodule: Any, upstream_dir: Path | N
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
             base["resumed_at_step"] = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
-        write_json_atomic(run_dir / "logs" / f"attempt{attempt}" / "start.json",
+        write_json_atomic(run_dir / "logs" / f"attempt{attempt}.json",
                           {"step": base.get("resumed_at_step", 0)})
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None,
                     weights_only=True if last.is_file() else None)
@@ -371,11 +371,11 @@ def merge_metrics(run_dir: Path) -> None:
     """
     import csv
 
-    attempts = sorted((run_dir / "logs").glob("attempt*/start.json"), key=lambda p: int(p.parent.name[7:]))
+    attempts = sorted((run_dir / "logs").glob("attempt*.json"), key=lambda p: int(p.stem[7:]))
     starts = [json.loads(path.read_text())["step"] for path in attempts]
     rows: list[dict[str, str]] = []
     for path, next_start in zip(attempts, starts[1:] + [None]):
-        table = path.with_name("metrics.csv")
+        table = path.with_suffix("") / "metrics.csv"
         if table.is_file():
             rows += [r for r in csv.DictReader(open(table, newline=""))
                      if next_start is None or int(r.get("step") or 0) < next_start]

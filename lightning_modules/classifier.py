@@ -61,7 +61,9 @@ class ImageClassifier(pl.LightningModule):
                  label_smoothing: float = 0.1, betas: tuple[float, float] = (0.9, 0.999)) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
-        self.net = net
+        # Convolutional nets run channels-last (a memory layout, not a change of the math): faster on CPU and GPU.
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in net.modules())
+        self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net
         self.diverged = False
         metrics = lambda: torchmetrics.MetricCollection({  # noqa: E731 (one recipe for each split)
             "acc1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1),
@@ -76,6 +78,8 @@ class ImageClassifier(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, num_classes)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
     # ---------------------------------------------------------------- train

@@ -157,3 +157,21 @@ def test_cli_is_a_module_entry_point(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "experiments.train", "--train-fraction", "2"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: invalid train_fraction=2.0")
+
+
+def test_resumed_attempts_merge_into_one_metrics_csv(tmp_path: Path) -> None:
+    """A killed attempt logged steps 0-9 but checkpointed at 6; the resumed attempt redoes 6-11."""
+    from experiments.train import merge_metrics, write_json_atomic
+
+    logs = tmp_path / "logs"
+    for attempt, start, steps, column in ((0, 0, range(10), "train/loss"), (1, 6, range(6, 12), "val/acc1")):
+        write_json_atomic(logs / f"attempt{attempt}.json", {"step": start})
+        (logs / f"attempt{attempt}").mkdir()
+        with open(logs / f"attempt{attempt}" / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", column])
+            writer.writeheader()
+            writer.writerows({"step": s, column: s / 100} for s in steps)
+    merge_metrics(tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(12))
+    assert rows[0]["train/loss"] == "0.0" and rows[0]["val/acc1"] == "" and rows[-1]["val/acc1"] == "0.11"

@@ -1,0 +1,801 @@
+"""Many runs: a W&B-format sweep file -> validated RunSpecs -> an executor.
+
+    python -m experiments.sweep experiments/sweeps/default.yaml [--dry-run] [--max-parallel N]
+        [--retry-failed] [--runs-dir runs]
+    python -m experiments.sweep experiments/sweeps/data_efficiency.yaml --executor slurm \\
+        [--partition P] [--account A] [--gpus-per-run G] [--cpus-per-task C] [--mem-gb M]
+        [--time-min T] [--array-parallelism K] [--constraint C] [--wait]
+
+A sweep file is W&B's own sweep format (`method: grid` or `random` with
+`run_cap`; `parameters: {field: {value: x} | {values: [...]}}`; `command`
+calling `experiments.train`), so `wandb sweep FILE` + `wandb agent` run it
+unchanged. The `profile` parameter picks the defaults (cpu | gpu | cluster);
+the `sweep` parameter names runs/SWEEP/ and the W&B group (default: the file
+stem).
+
+Every run of the grid is validated before anything starts (one line, exit
+code 2, no torch import). Pretraining runs are scheduled first, once each.
+Completed runs are skipped, interrupted ones resume from their last
+checkpoint, failed or diverged ones are reported and skipped unless
+`--retry-failed`. Several runners on one sweep share the work: a run held by
+another runner is left to it and waited for at the end.
+
+Exit code: 0 when every run completed (or, on SLURM, was submitted), 1 when
+some failed, diverged or were blocked by a failed pretraining run, 2 on bad
+input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from experiments.spec import PROFILES, RunSpec, SpecError
+from experiments.train import read_result, run_dir_for
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 3
+METHODS = ("grid", "random")
+# W&B's top-level sweep keys (https://docs.wandb.ai/guides/sweeps/sweep-config-keys)
+TOP_LEVEL_KEYS = ("program", "command", "method", "parameters", "metric", "name", "description", "project",
+                  "entity", "run_cap", "early_terminate")
+PARAMETERS = tuple(f.name for f in dataclasses.fields(RunSpec) if f.name != "role")
+SIGNAL_DELAY_S = 120  # SLURM sends USR2 this long before the time limit: submitit requeues the job
+
+
+class SweepError(ValueError):
+    """A sweep file or a runner option is not allowed; str() is one line."""
+
+
+# ================================================================== sweep files
+@dataclass(frozen=True)
+class Sweep:
+    """An expanded, validated sweep.
+
+    Attributes:
+        name: runs/NAME/ and the W&B group.
+        path: the sweep file.
+        runs: the grid's runs, in grid order.
+        upstream: the pretraining runs they fine-tune from, once each, in order of first need.
+        swept: the parameters with several values.
+    """
+
+    name: str
+    path: Path
+    runs: tuple[RunSpec, ...]
+    upstream: tuple[RunSpec, ...]
+    swept: tuple[str, ...] = ()
+
+    @property
+    def ordered(self) -> list[RunSpec]:
+        """Every run, pretraining first."""
+        return [*self.upstream, *self.runs]
+
+    @property
+    def profile(self) -> str:
+        """The one profile of every run (cpu | gpu | cluster)."""
+        return self.runs[0].profile
+
+
+def load_sweep(path: Path | str) -> Sweep:
+    """Read, expand and validate a sweep file (torch-free, milliseconds).
+
+    Raises:
+        SweepError: one line naming the file, the parameter and the value.
+    """
+    path = Path(path)
+    config = _read_config(path)
+    values = _parameter_values(path, config["parameters"])
+    combos = _combinations(config, values)
+    values.setdefault("sweep", [path.stem])
+    runs = [_build_spec(path, {**combo, "sweep": values["sweep"][0]}, values) for combo in combos]
+    upstream: dict[str, RunSpec] = {}
+    for spec in runs:
+        up = spec.upstream()
+        if up is not None:
+            upstream.setdefault(up.run_id, up)
+    swept = tuple(name for name, v in values.items() if len(v) > 1)
+    return Sweep(name=runs[0].sweep, path=path, runs=tuple(runs), upstream=tuple(upstream.values()), swept=swept)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SweepError(f"{path}: cannot read the sweep file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise SweepError(f"{path}: malformed YAML: {problem}{where}") from None
+    if not isinstance(config, dict):
+        raise SweepError(f"{path}: not a sweep (allowed: a mapping with method and parameters)")
+    for key in config:
+        if key not in TOP_LEVEL_KEYS:
+            raise SweepError(f"{path}: key {key} not allowed (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+    method = config.get("method", "grid")
+    if method not in METHODS:
+        raise SweepError(f"{path}: method: value {method} not allowed (allowed: {' | '.join(METHODS)})")
+    run_cap = config.get("run_cap")
+    if (run_cap is not None or method == "random") and not (_is_int(run_cap) and run_cap > 0):
+        raise SweepError(f"{path}: run_cap: value {run_cap} not allowed "
+                         f"(allowed: an integer > 0; required with method random)")
+    if not isinstance(config.get("parameters"), dict) or not config["parameters"]:
+        raise SweepError(f"{path}: parameters: missing (allowed: a mapping of RunSpec fields to "
+                         "{value: x} or {values: [x, ...]})")
+    return config
+
+
+def _parameter_values(path: Path, parameters: dict[str, Any]) -> dict[str, list[Any]]:
+    """{name: [values]} from W&B's `{value: x}` / `{values: [...]}` entries."""
+    values: dict[str, list[Any]] = {}
+    for name, entry in parameters.items():
+        if name not in PARAMETERS:
+            raise SweepError(f"{path}: parameter {name} not allowed (allowed: {', '.join(PARAMETERS)})")
+        if isinstance(entry, dict) and set(entry) == {"value"}:
+            values[name] = [entry["value"]]
+        elif isinstance(entry, dict) and set(entry) == {"values"} and isinstance(entry["values"], list) \
+                and entry["values"]:
+            values[name] = entry["values"]
+        else:
+            raise SweepError(f"{path}: parameter {name}: {entry} not allowed "
+                             "(allowed: {value: x} or {values: [x, ...]}, a non-empty list)")
+        for i, value in enumerate(values[name]):
+            if value in values[name][:i]:
+                raise SweepError(f"{path}: parameter {name}: value {value} not allowed (allowed: each value once)")
+    for name in ("profile", "sweep"):
+        if len(values.get(name, [None])) > 1:
+            allowed = " | ".join(PROFILES) if name == "profile" else "a name"
+            raise SweepError(f"{path}: parameter {name}: value {values[name]} not allowed "
+                             f"(allowed: one value per sweep: {allowed})")
+    return values
+
+
+def _combinations(config: dict[str, Any], values: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The grid in order (last parameter fastest); `random` takes a fixed shuffle of it.
+
+    The shuffle is seeded, so rerunning a random sweep resumes the same runs,
+    and raising `run_cap` only adds runs.
+    """
+    names = list(values)
+    grid = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(values[n] for n in names))]
+    if config.get("method", "grid") == "random":
+        random.Random(0).shuffle(grid)
+    return grid[: config.get("run_cap") or len(grid)]
+
+
+def _build_spec(path: Path, combo: dict[str, Any], values: dict[str, list[Any]]) -> RunSpec:
+    overrides = {k: v for k, v in combo.items() if k != "profile"}
+    try:
+        return RunSpec.create(combo.get("profile", "cpu"), **overrides)
+    except SpecError as exc:
+        hint = " (YAML reads unquoted on/off/yes/no as booleans: quote it)" if isinstance(exc.value, bool) else ""
+        if exc.field_name in values:
+            raise SweepError(f"{path}: parameter {exc.field_name}: value {exc.value} not allowed "
+                             f"(allowed: {exc.allowed}){hint}") from None
+        run = ", ".join(f"{k}={v}" for k, v in combo.items() if len(values.get(k, ())) > 1)
+        raise SweepError(f"{path}: {exc.field_name}={exc.value} not allowed (allowed: {exc.allowed}) "
+                         f"in the run {run or 'of the sweep'}") from None
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# ================================================================== run states
+def run_state(spec: RunSpec, runs_dir: Path) -> str:
+    """What runs_dir holds for a spec: completed | failed | diverged | running | resumable | pending."""
+    run_dir = run_dir_for(spec, runs_dir)
+    result = read_result(run_dir)
+    if result is not None and result["status"] == "completed":
+        return "completed"
+    if _is_locked(Path(runs_dir) / spec.sweep / f".{spec.run_id}.lock"):
+        return "running"
+    if result is not None:
+        return result["status"]
+    return "resumable" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "pending"
+
+
+def _is_locked(lock: Path) -> bool:
+    """Whether a process holds the run's lock now (read-only: creates nothing)."""
+    if not lock.is_file():
+        return False
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+@dataclass
+class Outcome:
+    """How one run ended for this runner.
+
+    Attributes:
+        status: completed | failed | diverged | blocked (its pretraining run did not complete).
+        note: how this runner got there (trained here, done before, skipped, a job id...).
+        result: the run's result.json, when there is one.
+    """
+
+    spec: RunSpec
+    status: str
+    note: str
+    result: dict[str, Any] | None = None
+
+
+def initial_outcomes(sweep: Sweep, runs_dir: Path, retry_failed: bool) -> dict[str, Outcome]:
+    """Runs that need no work now: completed ones, and failed ones unless retried (by run_id)."""
+    outcomes: dict[str, Outcome] = {}
+    for spec in sweep.ordered:
+        result = read_result(run_dir_for(spec, runs_dir))
+        if result is None:
+            continue
+        if result["status"] == "completed":
+            outcomes[spec.run_id] = Outcome(spec, "completed", "done before", result)
+        elif not retry_failed:
+            outcomes[spec.run_id] = Outcome(spec, result["status"], "skipped (--retry-failed reruns it)", result)
+    return outcomes
+
+
+def blocking_upstream(spec: RunSpec, outcomes: dict[str, Outcome]) -> Outcome | None:
+    """The outcome of the spec's pretraining run when that run ended without completing."""
+    up = spec.upstream()
+    ended = outcomes.get(up.run_id) if up is not None else None
+    return ended if ended is not None and ended.status != "completed" else None
+
+
+def blocked(spec: RunSpec, upstream: Outcome) -> Outcome:
+    """The outcome of a run that cannot start because its pretraining run ended as `upstream`."""
+    return Outcome(spec, "blocked", f"pretraining run {upstream.spec.run_id} {upstream.status}")
+
+
+# ================================================================== reporting
+def describe(spec: RunSpec) -> str:
+    """`resnet50 fashion_mnist f=0.1 fractaldb s0 (3f9c0a1b2d4e)`."""
+    return f"{spec.model} {spec.dataset} f={spec.train_fraction:g} {spec.pretraining} s{spec.seed} ({spec.run_id})"
+
+
+def format_duration(seconds: float) -> str:
+    """12m30s, 1h05m, 45s."""
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def plural(n: int, word: str) -> str:
+    """`1 run`, `3 runs`."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned text columns, two spaces apart, indented by two."""
+    widths = [max(map(len, column)) for column in zip(header, *rows, strict=True)]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows])
+    return "\n".join("  " + line for line in lines)
+
+
+def _acc(result: dict[str, Any] | None) -> str:
+    """test/acc1 in percent, or '-'."""
+    acc = (result or {}).get("metrics", {}).get("test/acc1")
+    return f"{100 * acc:.1f}%" if acc is not None else "-"
+
+
+SPEC_COLUMNS = {"run_id": "run_id", "role": "role", "model": "model", "dataset": "dataset",
+                "fraction": "train_fraction", "pretraining": "pretraining", "seed": "seed"}
+
+
+def spec_columns(sweep: Sweep) -> dict[str, str]:
+    """Table column -> RunSpec field: the usual ones, plus any other swept parameter."""
+    extra = [name for name in sweep.swept if name not in SPEC_COLUMNS.values()]
+    return {**SPEC_COLUMNS, **{name: name for name in extra}}
+
+
+def spec_cells(spec: RunSpec, columns: dict[str, str]) -> list[str]:
+    """The spec's values for `columns`, as table cells."""
+    values = [getattr(spec, name) for name in columns.values()]
+    return [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
+
+
+def summary_table(sweep: Sweep, outcomes: list[Outcome]) -> str:
+    """One row per run: what it is (run_id, model, fraction, pretraining, seed...), status, test/acc1, wall time."""
+    columns = spec_columns(sweep)
+    rows = []
+    for o in outcomes:
+        wall = (o.result or {}).get("wall_time_s")
+        rows.append([*spec_cells(o.spec, columns), o.status, _acc(o.result),
+                     format_duration(wall) if wall is not None else "-", o.note])
+    return format_table([*columns, "status", "test/acc1", "wall", "note"], rows)
+
+
+class Progress:
+    """Prints a line per finished run and the sweep's progress: `[NAME] 5/16 done · 0 failed · 11 left · ETA 12m30s`.
+
+    The ETA is the mean time of the runs trained by this runner times the
+    runs left, divided by the runs in flight at once.
+    """
+
+    def __init__(self, sweep: Sweep, parallel: int, out: TextIO) -> None:
+        self.sweep, self.parallel, self.out = sweep, parallel, out
+        self.total = len(sweep.ordered)
+        self.outcomes: dict[str, Outcome] = {}
+        self.durations: list[float] = []
+
+    def say(self, text: str) -> None:
+        print(f"[{self.sweep.name}] {text}", file=self.out, flush=True)
+
+    def record(self, outcome: Outcome, seconds: float | None = None, quiet: bool = False) -> None:
+        """Note a run's end; `seconds`: how long it trained, for the ETA (None when it did not train here)."""
+        self.outcomes[outcome.spec.run_id] = outcome
+        if seconds is not None:
+            self.durations.append(seconds)
+        if not quiet:
+            acc = f" · test/acc1 {_acc(outcome.result)}" if outcome.status == "completed" else ""
+            error = f" · {outcome.result['error']}" if outcome.result and outcome.result.get("error") else ""
+            took = f" · {format_duration(seconds)}" if seconds is not None else ""
+            self.say(f"{describe(outcome.spec)}: {outcome.status}{acc}{took} · {outcome.note}{error}")
+            self.say(self.line())
+
+    def header(self, what: str) -> None:
+        """The opening line: how many runs, how many need no work."""
+        done, failed, left = self.counts()
+        self.say(f"{self.sweep.path}: {plural(self.total, 'run')} ({len(self.sweep.upstream)} pretraining): "
+                 f"{done} done, {failed} failed or skipped, {left} {what}")
+
+    def counts(self) -> tuple[int, int, int]:
+        done = sum(o.status == "completed" for o in self.outcomes.values())
+        failed = len(self.outcomes) - done
+        return done, failed, self.total - done - failed
+
+    def line(self) -> str:
+        done, failed, left = self.counts()
+        eta = "?"
+        if not left:
+            eta = "0s"
+        elif self.durations:
+            eta = format_duration(sum(self.durations) / len(self.durations) * left / self.parallel)
+        return f"{done}/{self.total} done · {failed} failed · {left} left · ETA {eta}"
+
+    def summary(self) -> str:
+        ordered = [self.outcomes[s.run_id] for s in self.sweep.ordered if s.run_id in self.outcomes]
+        return summary_table(self.sweep, ordered)
+
+
+# ================================================================== dry run
+def dry_run(sweep: Sweep, runs_dir: Path, retry_failed: bool, out: TextIO, resources: Resources | None = None) -> int:
+    """Print the runs the sweep would launch, pretraining first, which are done or failed, and
+    (given `resources`) what each SLURM job would ask for."""
+    rows, launch, columns = [], 0, spec_columns(sweep)
+    states = {spec.run_id: run_state(spec, runs_dir) for spec in sweep.ordered}
+    for i, spec in enumerate(sweep.ordered, 1):
+        state = states[spec.run_id]
+        up = spec.upstream()
+        if state in ("failed", "diverged") and not retry_failed:
+            state += " (skipped; --retry-failed reruns it)"
+        elif up is not None and states[up.run_id] in ("failed", "diverged") and not retry_failed:
+            state = f"blocked (pretraining {states[up.run_id]})"
+        elif state != "completed":
+            launch += 1
+        rows.append([str(i), *spec_cells(spec, columns), up.run_id if up else "-", state])
+    n_up = len(sweep.upstream)
+    print(f"[{sweep.name}] {sweep.path}: {len(sweep.ordered)} runs ({n_up} pretraining, {len(sweep.runs)} "
+          f"training), profile {sweep.profile}, in {Path(runs_dir) / sweep.name}/", file=out)
+    print(format_table(["#", *columns, "upstream", "state"], rows), file=out)
+    done = sum(s == "completed" for s in states.values())
+    failed = sum(s in ("failed", "diverged") for s in states.values())
+    print(f"[{sweep.name}] dry run: would launch {plural(launch, 'run')} (pretraining first); {done} done, "
+          f"{failed} failed", file=out)
+    if resources is not None:
+        where = ", ".join(f"{k} {getattr(resources, k)}" for k in ("partition", "account", "constraint")
+                          if getattr(resources, k))
+        print(f"[{sweep.name}] slurm, per run: {resources.gpus_per_run} GPUs, {sweep.runs[0].devices} tasks, "
+              f"{resources.cpus_per_task} cpus per task, {resources.mem_gb} GB, {resources.time_min} min"
+              f"{', ' + where if where else ''}; arrays of at most {resources.array_parallelism} at once, "
+              "training after pretraining (afterok)", file=out)
+    return 0
+
+
+# ================================================================== local executor
+def _worker(spec_dict: dict[str, Any], runs_dir: str, threads: int, blocking: bool, log_path: str) -> None:
+    """A worker process: one run on `threads` threads, its output appended to `log_path`.
+
+    Exit code 0 (the run has a result), 2 (bad input, the reason on stderr) or
+    3 (another process holds the run and `blocking` is False).
+    """
+    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with open(log_path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    import torch
+
+    from experiments import train
+
+    torch.set_num_threads(threads)
+    try:
+        result = train.run(RunSpec.from_dict(spec_dict), runs_dir, blocking=blocking)
+    except ValueError as exc:  # SpecError, DataError, ModelError
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
+    sys.exit(EXIT_BUSY if result is None else 0)
+
+
+@dataclass
+class _Running:
+    spec: RunSpec
+    process: multiprocessing.process.BaseProcess
+    started: float
+    log: Path
+
+
+class LocalRunner:
+    """Runs a sweep on this machine: in this process one run at a time, or `parallel` worker processes.
+
+    A run starts once its pretraining run has completed; a run whose
+    pretraining failed is blocked. Runs are tried without waiting for their
+    lock; one held by another runner is deferred and, when nothing else is
+    left, waited for (so every runner ends with everything done).
+    """
+
+    def __init__(self, sweep: Sweep, runs_dir: Path, parallel: int = 1, retry_failed: bool = False,
+                 out: TextIO = sys.stdout) -> None:
+        cores = len(os.sched_getaffinity(0))
+        self.sweep, self.runs_dir, self.retry_failed = sweep, Path(runs_dir), retry_failed
+        self.parallel = max(1, min(parallel, cores))
+        self.threads = max(1, cores // self.parallel)
+        self.progress = Progress(sweep, self.parallel, out)
+        self.running: dict[int, _Running] = {}
+        self.deferred: list[RunSpec] = []
+        self.bad_input: str | None = None
+
+    def run(self) -> int:
+        """Run every run that needs it; print progress and a summary. Returns the exit code."""
+        for outcome in initial_outcomes(self.sweep, self.runs_dir, self.retry_failed).values():
+            self.progress.record(outcome, quiet=True)
+        queue = [s for s in self.sweep.ordered if s.run_id not in self.progress.outcomes]
+        mode = ("in this process" if self.parallel == 1
+                else f"{self.parallel} at a time, {plural(self.threads, 'thread')} each")
+        self.progress.header(f"to run ({mode})")
+        try:
+            self._drain(queue)
+        finally:
+            for running in self.running.values():  # interrupted: stop the workers (their runs resume later)
+                running.process.terminate()
+                running.process.join()
+        if self.bad_input is not None:
+            print(self.bad_input, file=sys.stderr)
+            return EXIT_BAD_INPUT
+        self.progress.say("summary\n" + self.progress.summary())
+        done, failed, left = self.progress.counts()
+        return 0 if failed == left == 0 else EXIT_FAILED
+
+    def _drain(self, queue: list[RunSpec]) -> None:
+        while self.bad_input is None and (queue or self.deferred or self.running):
+            spec = self._next_ready(queue)
+            if spec is not None:
+                self._start(spec, blocking=False)
+            elif self.running:
+                self._wait_one()
+            elif self.deferred:
+                self._start(self.deferred.pop(0), blocking=True)
+            else:
+                break
+        while self.running:
+            self._wait_one()
+
+    def _next_ready(self, queue: list[RunSpec]) -> RunSpec | None:
+        """Pop the first run whose pretraining has completed (recording blocked ones), if a slot is free."""
+        if len(self.running) >= self.parallel:
+            return None
+        for spec in list(queue):
+            up = spec.upstream()
+            ended = blocking_upstream(spec, self.progress.outcomes)
+            if ended is not None:
+                queue.remove(spec)
+                self.progress.record(blocked(spec, ended))
+            elif up is None or up.run_id in self.progress.outcomes:
+                queue.remove(spec)
+                return spec
+        return None
+
+    def _start(self, spec: RunSpec, blocking: bool) -> None:
+        if self.parallel == 1:
+            self._run_here(spec, blocking)
+            return
+        log = run_dir_for(spec, self.runs_dir) / "train.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        process = multiprocessing.get_context("spawn").Process(
+            target=_worker, args=(spec.to_dict(), str(self.runs_dir), self.threads, blocking, str(log)),
+            name=f"run-{spec.run_id}")
+        process.start()
+        self.running[process.sentinel] = _Running(spec, process, time.perf_counter(), log)
+
+    def _run_here(self, spec: RunSpec, blocking: bool) -> None:
+        from experiments import train
+
+        t0 = time.perf_counter()
+        try:
+            result = train.run(spec, self.runs_dir, blocking=blocking)
+        except ValueError as exc:  # bad input: nothing was written; stop the sweep
+            self.bad_input = f"error: {spec.run_id}: {exc}"
+            return
+        except Exception as exc:  # noqa: BLE001 - one broken run must not end the sweep
+            self.progress.record(Outcome(spec, "failed", f"{type(exc).__name__}: {exc}".splitlines()[0],
+                                         read_result(run_dir_for(spec, self.runs_dir))))
+            return
+        self._finish(spec, result, os.getpid(), time.perf_counter() - t0)
+
+    def _wait_one(self) -> None:
+        for sentinel in multiprocessing.connection.wait(list(self.running)):
+            running = self.running.pop(sentinel)
+            running.process.join()
+            code, spec = running.process.exitcode, running.spec
+            if code == EXIT_BAD_INPUT:
+                lines = running.log.read_text(errors="replace").strip().splitlines()
+                self.bad_input = f"{lines[-1] if lines else 'error'} ({spec.run_id}, see {running.log})"
+            elif code == EXIT_BUSY:
+                self.deferred.append(spec)
+            else:
+                result = read_result(run_dir_for(spec, self.runs_dir))
+                if code != 0 or result is None:
+                    self.progress.record(Outcome(spec, "failed", f"worker exited with {code}, see {running.log}",
+                                                 result))
+                else:
+                    self._finish(spec, result, running.process.pid, time.perf_counter() - running.started)
+
+    def _finish(self, spec: RunSpec, result: dict[str, Any] | None, pid: int | None, seconds: float) -> None:
+        if result is None:  # held by another runner: come back at the end
+            self.deferred.append(spec)
+            return
+        mine = result.get("pid") == pid and result.get("hostname") == socket.gethostname()
+        self.progress.record(Outcome(spec, result["status"], "trained here" if mine else "done by another runner",
+                                     result), seconds if mine else None)
+
+
+# ================================================================== SLURM executor (submitit)
+@dataclass(frozen=True)
+class Resources:
+    """What one run asks SLURM for (per profile; every field can be overridden on the command line).
+
+    `gpus_per_run` is 0 or the spec's `devices`: a run is one node with
+    `tasks_per_node == devices` processes, as Lightning's DDP expects.
+    """
+
+    gpus_per_run: int
+    cpus_per_task: int
+    mem_gb: int
+    time_min: int
+    array_parallelism: int
+    partition: str | None = None
+    account: str | None = None
+    constraint: str | None = None
+
+
+RESOURCES: dict[str, Resources] = {
+    "cpu": Resources(gpus_per_run=0, cpus_per_task=2, mem_gb=8, time_min=120, array_parallelism=8),
+    "gpu": Resources(gpus_per_run=1, cpus_per_task=8, mem_gb=64, time_min=12 * 60, array_parallelism=32),
+    "cluster": Resources(gpus_per_run=4, cpus_per_task=10, mem_gb=256, time_min=24 * 60, array_parallelism=16),
+}
+
+
+class TrainJob:
+    """One run as a submitit job (DeiT's `run_with_submitit` pattern).
+
+    On preemption or timeout submitit calls `checkpoint`, which requeues the
+    same call; `train.run` then resumes from the run's `last.ckpt`.
+    """
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def __call__(self, spec_dict: dict[str, Any], runs_dir: str) -> dict[str, Any]:
+        """Train the run (or return its result); raise when it did not complete, so SLURM marks the job FAILED."""
+        if self.threads:
+            os.environ.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+            import torch
+
+            torch.set_num_threads(self.threads)
+        from experiments import train
+
+        result = train.run(RunSpec.from_dict(spec_dict), runs_dir)
+        if result["status"] != "completed":
+            raise RuntimeError(f"run {result['run_id']} {result['status']}: {result['error']}")
+        return result
+
+    def checkpoint(self, spec_dict: dict[str, Any], runs_dir: str) -> Any:
+        """submitit's hook on preemption/timeout: the same call, requeued."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(self.threads), spec_dict, runs_dir)
+
+
+def resources_for(sweep: Sweep, overrides: dict[str, Any]) -> Resources:
+    """The profile's resources with the command line's overrides, checked against the specs' `devices`."""
+    res = dataclasses.replace(RESOURCES[sweep.profile], **{k: v for k, v in overrides.items() if v is not None})
+    devices = sorted({s.devices for s in sweep.ordered})
+    if len(devices) > 1:
+        raise SweepError(f"{sweep.path}: parameter devices: value {devices} not allowed "
+                         "(allowed: one value per SLURM sweep)")
+    if res.gpus_per_run not in (0, devices[0]):
+        raise SweepError(f"--gpus-per-run: value {res.gpus_per_run} not allowed (allowed: 0 or the runs' devices, "
+                         f"{devices[0]}: one DDP process per GPU; set devices in the sweep file)")
+    return res
+
+
+def executor_parameters(res: Resources, devices: int, name: str, after: list[str]) -> dict[str, Any]:
+    """submitit AutoExecutor parameters for one job array (`after`: job ids it waits for, afterok)."""
+    extra: dict[str, Any] = {"requeue": True}
+    if after:  # a failed pretraining job cancels the array instead of leaving it pending forever
+        extra.update({"dependency": "afterok:" + ":".join(after), "kill-on-invalid-dep": "yes"})
+    params: dict[str, Any] = dict(
+        name=name, nodes=1, tasks_per_node=devices, cpus_per_task=res.cpus_per_task, mem_gb=res.mem_gb,
+        timeout_min=res.time_min, slurm_array_parallelism=res.array_parallelism,
+        slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_additional_parameters=extra)
+    if res.gpus_per_run:
+        params["gpus_per_node"] = res.gpus_per_run
+    for key in ("partition", "account", "constraint"):
+        if getattr(res, key):
+            params[f"slurm_{key}"] = getattr(res, key)
+    return params
+
+
+class SlurmRunner:
+    """Submits a sweep as job arrays through submitit: the pretraining array, then the
+    training array (`afterok` on the pretraining array).
+
+    `cluster` is submitit's: "slurm" (detected when None), or "local" to run
+    the arrays as local processes (all at once, one thread each when the
+    cores are few; the training array then waits for the pretraining one).
+    """
+
+    def __init__(self, sweep: Sweep, runs_dir: Path, resources: Resources, retry_failed: bool = False,
+                 wait: bool = False, cluster: str | None = None, out: TextIO = sys.stdout) -> None:
+        import submitit
+
+        self.cluster = cluster or submitit.AutoExecutor.which()
+        if self.cluster != "slurm" and cluster is None:
+            raise SweepError("--executor slurm: no SLURM here (srun not found) (allowed: --executor local)")
+        self.sweep, self.res, self.retry_failed = sweep, resources, retry_failed
+        self.runs_dir = Path(runs_dir).resolve()  # the jobs may start elsewhere
+        self.wait = wait or self.cluster != "slurm"
+        self.progress = Progress(sweep, resources.array_parallelism, out)
+        self.jobs: list[tuple[Any, RunSpec]] = []
+
+    def run(self) -> int:
+        """Submit (and, with `wait`, follow) the arrays. Returns the exit code."""
+        for outcome in initial_outcomes(self.sweep, self.runs_dir, self.retry_failed).values():
+            self.progress.record(outcome, quiet=True)
+        self.progress.header(f"to submit ({self.cluster})")
+        outcomes = self.progress.outcomes
+        upstream = [s for s in self.sweep.upstream if s.run_id not in outcomes]
+        after = self._submit(upstream, f"{self.sweep.name}-pretrain", [])
+        if after and self.cluster != "slurm":  # no scheduler dependency: wait here
+            self._follow()
+            after = []
+        runs = []
+        for spec in self.sweep.runs:
+            ended = blocking_upstream(spec, outcomes)
+            if ended is not None:
+                self.progress.record(blocked(spec, ended))
+            elif spec.run_id not in outcomes:
+                runs.append(spec)
+        self._submit(runs, self.sweep.name, after)
+        if not self.wait:
+            self.progress.say(f"submitted; follow with squeue, or `python -m experiments.sweep {self.sweep.path} "
+                              f"--dry-run --runs-dir {self.runs_dir}`")
+            return 0
+        self._follow()
+        self.progress.say("summary\n" + self.progress.summary())
+        done, failed, left = self.progress.counts()
+        return 0 if failed == left == 0 else EXIT_FAILED
+
+    def _submit(self, specs: list[RunSpec], name: str, after: list[str]) -> list[str]:
+        """Submit `specs` as one array; return its job id ([] when there is nothing to submit)."""
+        if not specs:
+            return []
+        import submitit
+
+        executor = submitit.AutoExecutor(folder=self.runs_dir / self.sweep.name / ".submitit" / "%j",
+                                         cluster=self.cluster)
+        executor.update_parameters(**executor_parameters(self.res, specs[0].devices, name, after))
+        cores = len(os.sched_getaffinity(0))
+        job = TrainJob(self.res.cpus_per_task if self.cluster == "slurm" else max(1, cores // len(specs)))
+        with executor.batch():
+            jobs = [executor.submit(job, spec.to_dict(), str(self.runs_dir)) for spec in specs]
+        self.jobs += list(zip(jobs, specs, strict=True))
+        array_id = jobs[0].job_id.split("_")[0]
+        waits = f", afterok:{':'.join(after)}" if after else ""
+        self.progress.say(f"submitted {plural(len(specs), 'run')} as {name} (job {array_id}{waits})")
+        return [array_id]
+
+    def _follow(self) -> None:
+        """Wait for the submitted jobs, recording each as it ends."""
+        poll_s = 30.0 if self.cluster == "slurm" else 0.5
+        while self.jobs:
+            for job, spec in [(j, s) for j, s in self.jobs if j.done()]:
+                self.jobs.remove((job, spec))
+                try:
+                    result, note = job.result(), f"job {job.job_id}"
+                except Exception as exc:  # the job raised, died or was cancelled: its result.json says how
+                    result = read_result(run_dir_for(spec, self.runs_dir))
+                    note = f"job {job.job_id}: {str(exc).strip().splitlines()[-1][:200] if str(exc) else exc!r}"
+                ended = blocking_upstream(spec, self.progress.outcomes)
+                if result is None and ended is not None:
+                    self.progress.record(blocked(spec, ended))
+                    continue
+                status = result["status"] if result else "failed"
+                self.progress.record(Outcome(spec, status, note, result), (result or {}).get("wall_time_s"))
+            if self.jobs:
+                time.sleep(poll_s)
+
+
+# ================================================================== CLI
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", type=Path, help="a W&B-format sweep file (experiments/sweeps/*.yaml)")
+    parser.add_argument("--executor", choices=("local", "slurm"), default="local")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and their state; train nothing")
+    parser.add_argument("--max-parallel", type=_positive_int, default=1,
+                        help="local: runs at once, as worker processes sharing the cores (default 1: in this process)")
+    parser.add_argument("--retry-failed", action="store_true", help="rerun failed and diverged runs")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="root of run directories")
+    slurm = parser.add_argument_group("slurm (defaults per profile: " + "; ".join(
+        f"{p}: {r.gpus_per_run} GPUs, {r.cpus_per_task} cpus, {r.mem_gb} GB, {r.time_min} min"
+        for p, r in RESOURCES.items()) + ")")
+    slurm.add_argument("--wait", action="store_true", help="follow the jobs to the end (default: submit and exit)")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--constraint")
+    slurm.add_argument("--gpus-per-run", type=int, help="0, or the runs' devices")
+    for flag in ("--cpus-per-task", "--mem-gb", "--time-min", "--array-parallelism"):
+        slurm.add_argument(flag, type=_positive_int)
+    return parser
+
+
+def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
+    """Validate the sweep, then dry-run, run locally or submit it; return the exit code (0, 1 or 2)."""
+    args = build_parser().parse_args(argv)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Resources)}
+    try:
+        sweep = load_sweep(args.file)
+        resources = resources_for(sweep, overrides) if args.executor == "slurm" else None
+        if args.dry_run:
+            return dry_run(sweep, args.runs_dir, args.retry_failed, out, resources)
+        if resources is not None:
+            return SlurmRunner(sweep, args.runs_dir, resources, args.retry_failed, args.wait, out=out).run()
+        return LocalRunner(sweep, args.runs_dir, args.max_parallel, args.retry_failed, out).run()
+    except SweepError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: the same command resumes the sweep", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # unwind: the workers stop too
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""Behaviour of the sweep runner: validation, scheduling, resuming, sharing, SLURM submission."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from experiments.spec import RunSpec
+from experiments.sweep import (
+    RESOURCES,
+    LocalRunner,
+    SlurmRunner,
+    SweepError,
+    TrainJob,
+    load_sweep,
+    main,
+    resources_for,
+)
+from experiments.train import file_lock, read_result, run_dir_for, run_lock, write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "sweeps" / "tiny.yaml"
+SHIPPED = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1",
+       "OMP_NUM_THREADS": "1"}  # the tests share 2 busy cores: one thread per training process
+TRAINED_HERE = re.compile(r"\((\w{12})\): completed .*· trained here")
+PROGRESS = re.compile(r"\[tiny\] (\d+)/(\d+) done · (\d+) failed · (\d+) left · ETA \S+")
+
+
+def sweep_cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m experiments.sweep ARGS` to the end."""
+    return subprocess.run([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO, env=env or ENV,
+                          capture_output=True, text=True, timeout=60)
+
+
+def start_cli(*args: str | Path, log: Path) -> subprocess.Popen:
+    """Start `python -m experiments.sweep ARGS` with its output in `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "experiments.sweep", *map(str, args)], cwd=REPO, env=ENV,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def tiny_config(**parameters: Any) -> dict[str, Any]:
+    """tests/sweeps/tiny.yaml as a dict, with some parameters replaced (None removes one)."""
+    config = yaml.safe_load(TINY.read_text())
+    for name, entry in parameters.items():
+        if entry is None:
+            config["parameters"].pop(name)
+        else:
+            config["parameters"][name] = entry
+    return config
+
+
+def write_sweep(path: Path, config: dict[str, Any] | str) -> Path:
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return path
+
+
+def fake_result(spec: RunSpec, runs_dir: Path, status: str) -> None:
+    """A result.json as a finished run leaves it (no training)."""
+    metrics = {"test/acc1": 0.5} if status == "completed" else {}
+    write_json_atomic(run_dir_for(spec, runs_dir) / "result.json",
+                      {"run_id": spec.run_id, "status": status, "error": None if status == "completed" else "boom",
+                       "metrics": metrics, "wall_time_s": 1.0})
+
+
+def run_dirs(runs_dir: Path, sweep: str) -> set[str]:
+    return {d.name for d in (runs_dir / sweep).iterdir() if d.is_dir() and not d.name.startswith(".")}
+
+
+def completed(runs_dir: Path, sweep: str) -> set[str]:
+    return {name for name in run_dirs(runs_dir, sweep)
+            if (read_result(runs_dir / sweep / name) or {}).get("status") == "completed"}
+
+
+# ------------------------------------------------------------------ sweep files
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_sweeps_expand_validate_and_dry_run(path: Path, tmp_path: Path) -> None:
+    sweep = load_sweep(path)
+    assert sweep.name == path.stem
+    assert len({s.run_id for s in sweep.ordered}) == len(sweep.ordered)  # no run twice
+    assert {s.upstream().run_id for s in sweep.runs if s.upstream()} == {u.run_id for u in sweep.upstream}
+    out = io.StringIO()
+    assert main([str(path), "--dry-run", "--runs-dir", str(tmp_path)], out=out) == 0
+    listed = re.findall(r"^\s+\d+\s+(\w{12})\s", out.getvalue(), flags=re.M)
+    assert listed == [s.run_id for s in sweep.ordered]
+    assert not (tmp_path / sweep.name).exists()  # a dry run writes nothing
+
+
+def test_shipped_sweeps_hold_the_planned_grids() -> None:
+    default, data, scale = (load_sweep(REPO / "experiments" / "sweeps" / f"{n}.yaml")
+                            for n in ("default", "data_efficiency", "pretraining_scale"))
+    assert default.profile == "cpu" and {s.dataset for s in default.runs} == {"fashion_mnist"}
+    assert len(default.runs) == 2 * 4 * 2 and len(default.upstream) == 2
+    assert data.profile == "cluster" and len(data.runs) == 2 * 2 * 7 * 3 * 3
+    assert {s.pretraining for s in data.runs} == {"none", "imagenet", "fractaldb"}
+    assert {s.img_size for s in data.runs} == {224}
+    sizes = sorted({s.pretrain_size for s in scale.runs})
+    assert sizes[-1] / sizes[0] >= 1000 and {s.pretrain_classes for s in scale.runs} == {1000}
+    assert {(s.dataset, s.train_fraction) for s in scale.runs} == {("cifar10", 0.1)}
+    assert len(scale.upstream) == 2 * 4 * 3  # one pretraining run per model, size and seed
+
+
+def test_shipped_sweeps_run_unchanged_under_wandb_agent() -> None:
+    for path in SHIPPED:
+        config = yaml.safe_load(path.read_text())
+        assert config["command"] == ["${env}", "${interpreter}", "-m", "experiments.train", "${args}"]
+    # wandb agent passes --name=value; experiments.train takes every parameter that way
+    from experiments.train import build_parser
+
+    args = build_parser().parse_args(["--sweep=default", "--profile=cpu", "--train_fraction=0.1",
+                                      "--pretraining=fractaldb", "--pretrain_size=1000"])
+    assert (args.sweep, args.profile, args.train_fraction, args.pretrain_size) == ("default", "cpu", 0.1, 1000)
+
+
+def test_random_method_takes_a_fixed_growing_sample(tmp_path: Path) -> None:
+    config = tiny_config(seed={"values": [0, 1, 2]})
+
+    def runs(cap: int) -> list[str]:
+        sampled = {**config, "method": "random", "run_cap": cap}
+        return [s.run_id for s in load_sweep(write_sweep(tmp_path / "r.yaml", sampled)).runs]
+
+    grid = {s.run_id for s in load_sweep(write_sweep(tmp_path / "g.yaml", config)).runs}
+    three, five = runs(3), runs(5)
+    assert len(set(three)) == 3 and set(three) <= grid
+    assert runs(3) == three and set(three) <= set(five)
+
+
+BAD = {
+    "unknown model": (tiny_config(model={"values": ["resnet18", "vit_huge"]}),
+                      ["parameter model: value vit_huge not allowed (allowed: ", "resnet50"]),
+    "fraction 1.5": (tiny_config(train_fraction={"values": [0.25, 1.5]}),
+                     ["parameter train_fraction: value 1.5 not allowed (allowed: a number in (0, 1])"]),
+    "unknown parameter": (tiny_config(learning_rate={"value": 0.1}),
+                          ["parameter learning_rate not allowed (allowed: "]),
+    "source is target": (tiny_config(pretraining={"values": ["none", "synthetic"]}),
+                         ["parameter pretraining: value synthetic not allowed"]),
+    "too few fractal images": (tiny_config(pretrain_classes={"value": 64}),
+                               ["parameter pretrain_size: value 32 not allowed (allowed: an integer >= "]),
+    "no value": (tiny_config(model={"min": 1}), ["parameter model: {'min': 1} not allowed"]),
+    "unknown method": ({**tiny_config(), "method": "bayes"},
+                       ["method: value bayes not allowed (allowed: grid | random)"]),
+    "random without run_cap": ({**tiny_config(), "method": "random"}, ["run_cap: value None not allowed"]),
+    "no parameters": ({"method": "grid"}, ["parameters: missing"]),
+    "unknown key": ({**tiny_config(), "paramaters": {}}, ["key paramaters not allowed"]),
+    "malformed YAML": ("method: grid\nparameters: {model: [resnet18\n", ["malformed YAML: "]),
+    "not a mapping": ("- grid\n- resnet18\n", ["not a sweep"]),
+    "unquoted off": (TINY.read_text().replace('"off"', "off"),
+                     ["parameter wandb: value False not allowed", "quote it"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_sweep_fails_fast_with_one_line(case: str, tmp_path: Path) -> None:
+    config, needles = BAD[case]
+    path = write_sweep(tmp_path / "bad.yaml", config)
+    t0 = time.perf_counter()
+    proc = sweep_cli(path, "--runs-dir", tmp_path / "runs")
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    line = proc.stderr.strip()
+    assert line.startswith(f"{path}: ") and all(n in line for n in needles), line
+    assert seconds < 3.0  # interpreter start included; validation itself takes milliseconds
+    assert not (tmp_path / "runs").exists()
+
+
+def test_validation_and_dry_run_never_import_torch(tmp_path: Path) -> None:
+    bad = write_sweep(tmp_path / "bad.yaml", tiny_config(train_fraction={"value": 1.5}))
+    code = ("import sys; from experiments.sweep import main; "
+            f"assert main([{str(bad)!r}]) == 2; "
+            f"assert main([{str(TINY)!r}, '--dry-run', '--runs-dir', {str(tmp_path)!r}]) == 0; "
+            "heavy = sorted(m for m in ('torch', 'lightning', 'timm', 'submitit') if m in sys.modules); "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------ states, dry run, failures
+def test_dry_run_lists_pretraining_first_and_marks_done_and_failed(tmp_path: Path) -> None:
+    sweep = load_sweep(TINY)
+    up = sweep.upstream[0]
+    scratch = [s for s in sweep.runs if s.pretraining == "none"]
+    fake_result(scratch[0], tmp_path, "completed")
+    fake_result(up, tmp_path, "failed")
+    proc = sweep_cli(TINY, "--dry-run", "--runs-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = {m[1]: (int(m[0]), m[2]) for m in re.findall(r"^\s+(\d+)\s+(\w{12})\s(.*)$", proc.stdout, flags=re.M)}
+    assert list(rows) == [s.run_id for s in sweep.ordered]
+    for spec in sweep.runs:
+        if spec.upstream() is not None:
+            assert rows[up.run_id][0] < rows[spec.run_id][0]
+            assert rows[spec.run_id][1].endswith("blocked (pretraining failed)")
+    assert rows[up.run_id][1].endswith("failed (skipped; --retry-failed reruns it)")
+    assert rows[scratch[0].run_id][1].endswith("completed")
+    assert rows[scratch[1].run_id][1].endswith("pending")
+    assert "would launch 1 run (pretraining first); 1 done, 1 failed" in proc.stdout
+    retry = sweep_cli(TINY, "--dry-run", "--retry-failed", "--runs-dir", tmp_path)
+    assert "would launch 4 runs" in retry.stdout
+
+
+def test_failed_pretraining_blocks_its_runs_without_training(tmp_path: Path) -> None:
+    sweep = load_sweep(TINY)
+    fake_result(sweep.upstream[0], tmp_path, "diverged")
+    for spec in sweep.runs:
+        if spec.pretraining == "none":
+            fake_result(spec, tmp_path, "completed")
+    out = io.StringIO()
+    assert LocalRunner(sweep, tmp_path, out=out).run() == 1
+    text = out.getvalue()
+    assert text.count(": blocked · pretraining run ") == 2
+    assert "[tiny] 2/5 done · 3 failed · 0 left" in text
+    assert re.search(rf"{sweep.upstream[0].run_id} .* diverged .* skipped \(--retry-failed reruns it\)", text)
+
+
+def test_failed_runs_are_skipped_unless_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sweep = load_sweep(write_sweep(tmp_path / "one.yaml", tiny_config(pretraining={"value": "none"})))
+    failed, done = sweep.runs
+    fake_result(failed, tmp_path, "failed")
+    fake_result(done, tmp_path, "completed")
+    trained: list[str] = []
+
+    def fake_train(spec: RunSpec, runs_dir: Path, blocking: bool = True) -> dict[str, Any]:
+        trained.append(spec.run_id)
+        fake_result(spec, runs_dir, "completed")
+        return {**read_result(run_dir_for(spec, runs_dir)), "pid": os.getpid(), "hostname": socket.gethostname()}
+
+    monkeypatch.setattr("experiments.train.run", fake_train)
+    out = io.StringIO()
+    assert LocalRunner(sweep, tmp_path, out=out).run() == 1 and trained == []
+    assert re.search(rf"{failed.run_id} .* failed .* skipped \(--retry-failed reruns it\)", out.getvalue())
+    assert LocalRunner(sweep, tmp_path, retry_failed=True, out=out).run() == 0
+    assert trained == [failed.run_id]  # the completed run is left alone
+    assert TRAINED_HERE.search(out.getvalue()).group(1) == failed.run_id
+
+
+# ------------------------------------------------------------------ interruption and sharing
+def test_killed_sweep_resumes_to_exactly_the_expanded_runs(tmp_path: Path) -> None:
+    expected = {s.run_id for s in load_sweep(TINY).ordered}
+    interrupted: set[str] = set()
+    for attempt in range(3):  # the kill may land just after a run finished: then try again afresh
+        runs = tmp_path / f"runs{attempt}"
+        proc = start_cli(TINY, "--runs-dir", runs, log=tmp_path / f"killed{attempt}.log")
+        deadline = time.monotonic() + 150
+        while proc.poll() is None and time.monotonic() < deadline:
+            busy = [d for d in (runs / "tiny").glob("*/checkpoints/last.ckpt")
+                    if not (d.parents[1] / "result.json").exists()] if (runs / "tiny").exists() else []
+            if busy:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        else:
+            proc.kill()  # deadline passed, or the runner ended on its own (then it must have succeeded)
+        assert proc.wait() in (0, -signal.SIGKILL), (tmp_path / f"killed{attempt}.log").read_text()[-2000:]
+        interrupted = run_dirs(runs, "tiny") - completed(runs, "tiny")
+        if interrupted:
+            break
+    assert interrupted and not run_dirs(runs, "tiny") - expected
+
+    completed_before = completed(runs, "tiny")
+    proc = start_cli(TINY, "--runs-dir", runs, log=tmp_path / "resumed.log")
+    assert proc.wait(timeout=240) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    out = (tmp_path / "resumed.log").read_text()
+    assert run_dirs(runs, "tiny") == completed(runs, "tiny") == expected
+    for run_id in interrupted:
+        assert read_result(runs / "tiny" / run_id)["resumed_at_step"] > 0
+    trained = set(TRAINED_HERE.findall(out))
+    assert trained == expected - completed_before and interrupted <= trained
+    done, total, failed, left = map(int, PROGRESS.findall(out)[-1])
+    assert (done, total, failed, left) == (5, 5, 0, 0)
+    summary = out[out.index("[tiny] summary"):]
+    assert all(run_id in summary for run_id in expected) and "test/acc1" in summary
+
+
+def test_two_runners_on_one_sweep_train_each_run_once(tmp_path: Path) -> None:
+    sweep = load_sweep(write_sweep(tmp_path / "tiny.yaml", tiny_config(train_fraction={"value": 0.5})))
+    runs, expected = tmp_path / "runs", {s.run_id for s in sweep.ordered}
+    assert len(expected) == 3  # a pretraining run, a run that needs it, one that does not
+    a = start_cli(sweep.path, "--runs-dir", runs, "--max-parallel", "2", log=tmp_path / "a.log")
+    b = start_cli(sweep.path, "--runs-dir", runs, log=tmp_path / "b.log")  # 3 one-thread trainings at most
+    assert a.wait(timeout=300) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    assert b.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    by_a = set(TRAINED_HERE.findall((tmp_path / "a.log").read_text()))
+    by_b = set(TRAINED_HERE.findall((tmp_path / "b.log").read_text()))
+    assert by_a | by_b == expected and not by_a & by_b
+    assert run_dirs(runs, "tiny") == completed(runs, "tiny") == expected
+    for run_id in by_b:
+        assert read_result(runs / "tiny" / run_id)["pid"] == b.pid
+    for run_id in expected:
+        steps = [int(float(r["step"])) for r in csv_rows(runs / "tiny" / run_id / "metrics.csv") if r.get("val/acc1")]
+        assert len(steps) == len(set(steps)) > 0  # every validation logged once: trained once
+    for log in ("a.log", "b.log"):
+        assert PROGRESS.findall((tmp_path / log).read_text())[-1][3] == "0"
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------ SLURM (submitit)
+def test_submitit_local_array_runs_to_completion(tmp_path: Path) -> None:
+    config = tiny_config(pretraining={"value": "none"}, min_steps={"value": 4}, max_steps={"value": 4},
+                         num_evals={"value": 2})
+    sweep = load_sweep(write_sweep(tmp_path / "two.yaml", config))
+    out = io.StringIO()
+    assert SlurmRunner(sweep, tmp_path, RESOURCES["cpu"], cluster="local", out=out).run() == 0, out.getvalue()
+    assert run_dirs(tmp_path, "two") == completed(tmp_path, "two") == {s.run_id for s in sweep.runs}
+    assert "[two] 2/2 done · 0 failed · 0 left" in out.getvalue()
+
+
+def test_preempted_job_requeues_the_same_run() -> None:
+    spec = load_sweep(TINY).runs[0].to_dict()
+    submission = TrainJob(threads=4).checkpoint(spec, "runs")
+    assert isinstance(submission.function, TrainJob) and submission.function.threads == 4
+    assert submission.args == (spec, "runs") and not submission.kwargs
+
+
+FAKE_SBATCH = """#!/bin/sh
+n=$(( $(cat "$FAKE_SLURM/counter" 2>/dev/null || echo 41) + 1 ))
+echo $n > "$FAKE_SLURM/counter"
+cp "$1" "$FAKE_SLURM/sbatch_$n.sh"
+echo "Submitted batch job $n"
+"""
+
+
+def test_slurm_arrays_are_submitted_with_resources_and_dependency(tmp_path: Path) -> None:
+    bin_dir, record = tmp_path / "bin", tmp_path / "record"
+    bin_dir.mkdir()
+    record.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "srun").write_text("#!/bin/sh\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    config = tiny_config(profile={"value": "cluster"}, seed={"values": [0, 1]}, precision=None, batch_size=None)
+    sweep = load_sweep(write_sweep(tmp_path / "cl.yaml", config))
+    assert (len(sweep.upstream), len(sweep.runs)) == (2, 8)
+    fake_result(sweep.runs[0], tmp_path / "runs", "completed")  # done runs are not submitted again
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM": str(record)}
+    proc = sweep_cli(tmp_path / "cl.yaml", "--executor", "slurm", "--runs-dir", tmp_path / "runs", "--partition",
+                     "gpu", "--account", "vision", "--constraint", "a100", "--array-parallelism", "3", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted 2 runs as cl-pretrain (job 42)" in proc.stdout
+    assert "submitted 7 runs as cl (job 43, afterok:42)" in proc.stdout
+    pretrain, train = ((record / f"sbatch_{n}.sh").read_text() for n in (42, 43))
+    for script in (pretrain, train):
+        for flag in ("--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=10", "--mem=256GB",
+                     "--time=1440", "--partition=gpu", "--account=vision", "--constraint=a100", "--nodes=1",
+                     "--signal=USR2@120", "--requeue"):
+            assert f"#SBATCH {flag}\n" in script, (flag, script)
+        assert "submitit.core._submit" in script
+    assert "#SBATCH --array=0-1%2\n" in pretrain and "--dependency" not in pretrain
+    assert "#SBATCH --array=0-6%3\n" in train and "#SBATCH --dependency=afterok:42\n" in train
+    assert "#SBATCH --kill-on-invalid-dep=yes\n" in train
+
+
+def test_slurm_resources_follow_the_profile_and_the_runs_devices(tmp_path: Path) -> None:
+    cluster = load_sweep(write_sweep(tmp_path / "cl.yaml", tiny_config(profile={"value": "cluster"})))
+    assert resources_for(cluster, {}) == RESOURCES["cluster"]
+    assert resources_for(cluster, {"time_min": 60, "partition": "p"}).time_min == 60
+    with pytest.raises(SweepError, match="--gpus-per-run: value 2 not allowed"):
+        resources_for(cluster, {"gpus_per_run": 2})
+    cpu = load_sweep(TINY)
+    assert resources_for(cpu, {}).gpus_per_run == 0 and resources_for(cpu, {"gpus_per_run": 1}).gpus_per_run == 1
+    out = io.StringIO()
+    assert main([str(cluster.path), "--dry-run", "--executor", "slurm", "--mem-gb", "300", "--runs-dir",
+                 str(tmp_path)], out=out) == 0
+    assert "slurm, per run: 4 GPUs, 4 tasks, 10 cpus per task, 300 GB, 1440 min" in out.getvalue()
+    assert main([str(cluster.path), "--dry-run", "--executor", "slurm", "--gpus-per-run", "8"]) == 2
+
+
+def test_slurm_executor_without_slurm_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    assert main([str(TINY), "--executor", "slurm", "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no SLURM here" in err
+
+
+def test_ddp_ranks_after_the_first_run_under_rank_zeros_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_sweep(TINY).runs[0]
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    with file_lock(tmp_path / spec.sweep / f".{spec.run_id}.lock"):  # rank 0 (or another runner) holds it
+        with pytest.raises(BlockingIOError), run_lock(spec, tmp_path, blocking=False):
+            pass
+        monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank that Lightning or srun started
+        with run_lock(spec, tmp_path, blocking=False):
+            pass
