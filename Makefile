@@ -8,6 +8,7 @@ SWEEP ?= default
 EXECUTOR ?= local
 RUNS ?= runs
 RESULTS ?= results
+MAX_PARALLEL ?= 2
 SWEEP_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -42,8 +43,11 @@ test-all: install ## Run every test, the slow end-to-end ones too
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m ""
 
 sweep: install data ## Run a sweep (SWEEP=default EXECUTOR=local|slurm), then the report
-	$(PY) -m experiments.sweep experiments/sweeps/$(SWEEP).yaml --executor $(EXECUTOR) --runs-dir $(RUNS) $(SWEEP_ARGS)
-	$(PY) -m analysis.report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
+	@status=0; $(PY) -m experiments.sweep experiments/sweeps/$(SWEEP).yaml --executor $(EXECUTOR) \
+		--max-parallel $(MAX_PARALLEL) --runs-dir $(RUNS) $(SWEEP_ARGS) || status=$$?; \
+	if [ $$status -ne 2 ] && [ "$(EXECUTOR)" = local ]; then \
+		$(PY) -m analysis.report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS) || exit $$?; \
+	fi; exit $$status
 
 sweep-dry: install ## Print the runs a sweep would launch and which are done
 	$(PY) -m experiments.sweep experiments/sweeps/$(SWEEP).yaml --dry-run --runs-dir $(RUNS)

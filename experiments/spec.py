@@ -1,7 +1,7 @@
 """RunSpec: one run, as a frozen, validated, hashable value.
 
 A spec is built from a profile's defaults plus explicit overrides
-(`RunSpec.create(profile="cpu", model="vit_tiny_p4", train_fraction=0.1)`),
+(`RunSpec.create(profile="cpu", model="vit_tiny_p8", train_fraction=0.1)`),
 validated field by field, and identified by `run_id`: the first 12 hex digits
 of the SHA-256 of its canonical JSON (placement fields such as the sweep name,
 data directory or W&B mode are left out, so the same experiment has the same
@@ -38,8 +38,8 @@ PLACEMENT_FIELDS = ("sweep", "data_dir", "weights_file", "wandb", "num_workers")
 PROFILES: dict[str, dict[str, Any]] = {
     # 2 cores, no GPU, no network: Fashion-MNIST at 32 px, small ViT vs ResNet50.
     "cpu": dict(
-        dataset="fashion_mnist", model="resnet50", img_size=32, batch_size=128,
-        epochs=6.0, min_steps=60, max_steps=280, num_evals=4,
+        dataset="fashion_mnist", model="resnet50", img_size=32, batch_size=64,
+        epochs=3.0, min_steps=80, max_steps=560, num_evals=4,
         lr=1e-3, min_lr_ratio=0.01, weight_decay=0.05, warmup_frac=0.1,
         label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0, drop_path=0.0,
         augment="basic", val_size=2000, precision="bf16-mixed", devices=1,

@@ -280,8 +280,10 @@ def _train(spec: RunSpec, run_dir: Path, datamodule: Any, upstream_dir: Path | N
 
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
+    is_main = ddp_rank() == 0  # under DDP, one process writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_dir / "spec.json", spec.to_dict())
+    if is_main:
+        write_json_atomic(run_dir / "spec.json", spec.to_dict())
     base: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "run_id": spec.run_id, "sweep": spec.sweep, "status": "failed",
         "error": None, "model": spec.model, "arch": spec.arch, "dataset": spec.dataset,
@@ -343,7 +345,7 @@ def _train(spec: RunSpec, run_dir: Path, datamodule: Any, upstream_dir: Path | N
         metrics = {k: float(v) for k, v in sorted(test.items()) if k != "test/loss"}
         metrics["train/acc1"] = _accuracy(module, datamodule.train_eval_dataloader(), spec.precision)
         metrics["train/loss"] = train_loss
-        if spec.role == "pretrain":
+        if spec.role == "pretrain" and is_main:
             torch.save(module.net.state_dict(), run_dir / "model.pt")
         base.update(status="completed", selected=selected, metrics=metrics, params=params,
                     flops_per_image=flops, train_steps=steps_done, train_images_seen=seen,
@@ -356,6 +358,8 @@ def _train(spec: RunSpec, run_dir: Path, datamodule: Any, upstream_dir: Path | N
     base.update(wall_time_s=time.perf_counter() - t0, versions=versions(), git_commit=git_commit(),
                 hostname=socket.gethostname(), pid=os.getpid(), started_at=started.isoformat(timespec="seconds"),
                 finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    if not is_main:
+        return base
     merge_metrics(run_dir)
     if logger_wandb is not None:
         _finish_wandb(logger_wandb, base)

@@ -333,10 +333,8 @@ class _ToChannels(torch.nn.Module):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         if img.shape[-3] == self.in_chans:
             return img
-        if img.shape[-3] == 1:
-            return img.expand(self.in_chans, *img.shape[-2:]).clone()
-        grey = v2.functional.rgb_to_grayscale(img)  # (1, H, W)
-        return grey.expand(self.in_chans, *grey.shape[-2:]).clone()
+        grey = img if img.shape[-3] == 1 else v2.functional.rgb_to_grayscale(img)  # (..., 1, H, W)
+        return grey.expand(*grey.shape[:-3], self.in_chans, *grey.shape[-2:]).clone()
 
 
 class SeededSubset(Dataset):
@@ -362,6 +360,14 @@ class SeededSubset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image), label, seed
+
+    def __getitems__(self, items: list) -> list:
+        """A whole batch at once: evaluation batches of in-memory images are transformed as one tensor."""
+        if not isinstance(self.base, TensorImages) or any(isinstance(item, tuple) for item in items):
+            return [self[item] for item in items]
+        rows = torch.as_tensor(self.indices[np.asarray(items, dtype=np.int64)])
+        images = self.transform(self.base.images[rows])  # (B, C, H, W): deterministic, so batching is exact
+        return list(zip(images, self.base.targets[rows.numpy()].tolist()))
 
 
 class SeededShuffle(Sampler):

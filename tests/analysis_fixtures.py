@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 SWEEP = "toy"
-ARCH = {"vit_tiny_p4": "vit", "vit_s16": "vit", "resnet50": "cnn", "resnet18": "cnn"}
+ARCH = {"vit_tiny_p8": "vit", "vit_s16": "vit", "resnet50": "cnn", "resnet18": "cnn"}
 FULL_TRAIN = 54_000  # fashion_mnist training images after carving the validation split
 
 
@@ -73,14 +73,14 @@ def small_sweep() -> list[dict[str, Any]]:
     frac = 0.01
     return [
         make_result("resnet50", frac, 0, 0.80), make_result("resnet50", frac, 1, 0.84),
-        make_result("vit_tiny_p4", frac, 0, 0.70), make_result("vit_tiny_p4", frac, 1, 0.76),
+        make_result("vit_tiny_p8", frac, 0, 0.70), make_result("vit_tiny_p8", frac, 1, 0.76),
         make_result("resnet50", 0.1, 0, 0.88), make_result("resnet50", 0.1, 1, None, status="failed"),
-        make_result("vit_tiny_p4", 0.1, 0, 0.86), make_result("vit_tiny_p4", 0.1, 1, None, status="diverged"),
+        make_result("vit_tiny_p8", 0.1, 0, 0.86), make_result("vit_tiny_p8", 0.1, 1, None, status="diverged"),
         make_result("resnet50", frac, 0, 0.82, "fractaldb", 12800),
         make_result("resnet50", frac, 1, 0.86, "fractaldb", 12800),
-        make_result("vit_tiny_p4", frac, 0, 0.78, "fractaldb", 12800),
-        make_result("vit_tiny_p4", frac, 1, 0.80, "fractaldb", 12800),
-        make_result("vit_tiny_p4", 0.1, 0, None, "fractaldb", 12800),
+        make_result("vit_tiny_p8", frac, 0, 0.78, "fractaldb", 12800),
+        make_result("vit_tiny_p8", frac, 1, 0.80, "fractaldb", 12800),
+        make_result("vit_tiny_p8", 0.1, 0, None, "fractaldb", 12800),
     ]
 
 
@@ -91,7 +91,7 @@ def power_law_sweep(
 ) -> list[dict[str, Any]]:
     """Runs whose test error follows err = a * n^-b + c exactly (plus +-noise alternating by seed)."""
     records = []
-    for model, (a, b, c) in (("vit_tiny_p4", vit), ("resnet50", cnn)):
+    for model, (a, b, c) in (("vit_tiny_p8", vit), ("resnet50", cnn)):
         for frac in fractions:
             n = round(FULL_TRAIN * frac)
             for seed in seeds:

@@ -83,8 +83,8 @@ def test_duplicate_run_id_keeps_the_first(tmp_path, caplog):
 
 
 def test_upstream_pretraining_run_gets_role_pretrain(tmp_path):
-    upstream = make_result("vit_tiny_p4", 1.0, dataset="fractaldb", acc=0.3)
-    target = make_result("vit_tiny_p4", 0.01, pretraining="fractaldb", pretrain_size=12800,
+    upstream = make_result("vit_tiny_p8", 1.0, dataset="fractaldb", acc=0.3)
+    target = make_result("vit_tiny_p8", 0.01, pretraining="fractaldb", pretrain_size=12800,
                          pretrained_from=upstream["run_id"])
     write_runs(tmp_path, [upstream, target])
     runs = collect.collect_runs(tmp_path, SWEEP).set_index("run_id")
@@ -144,7 +144,7 @@ class FakeApi:
 
 def test_from_wandb_reads_result_dicts_and_config_summary(caplog):
     full = make_result("resnet50", 0.01, 0, 0.8)
-    spec = make_result("vit_tiny_p4", 0.01, 0)["spec"]
+    spec = make_result("vit_tiny_p8", 0.01, 0)["spec"]
     runs = [
         SimpleNamespace(id="b_full", state="finished", config=spec, summary={"result": full}),
         SimpleNamespace(id="a_cfg", state="finished", config={**spec, "arch": "vit", "sweep": SWEEP},

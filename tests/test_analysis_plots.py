@@ -41,7 +41,7 @@ def test_data_efficiency_axes_lines_and_bands(tmp_path):
     assert ax.get_xscale() == "log"
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("training images", "test accuracy (%)")
     assert labelled_lines(ax) == ["resnet50 · scratch", "resnet50 · fractaldb 12.8k",
-                                  "vit_tiny_p4 · scratch", "vit_tiny_p4 · fractaldb 12.8k"]
+                                  "vit_tiny_p8 · scratch", "vit_tiny_p8 · fractaldb 12.8k"]
     assert bands(ax) == 4  # every line has a cell with n=2
     scratch = ax.get_lines()[0]
     assert list(scratch.get_xdata()) == [540, 5400] and list(scratch.get_ydata()) == pytest.approx([82.0, 88.0])
@@ -49,7 +49,7 @@ def test_data_efficiency_axes_lines_and_bands(tmp_path):
 
 
 def test_no_bands_with_a_single_seed(tmp_path):
-    records = [make_result(m, f, 0, 0.8) for m in ("resnet50", "vit_tiny_p4") for f in (0.01, 0.1)]
+    records = [make_result(m, f, 0, 0.8) for m in ("resnet50", "vit_tiny_p8") for f in (0.01, 0.1)]
     (ax,) = plots.plot_data_efficiency(runs_of(tmp_path, records)).axes
     assert len(labelled_lines(ax)) == 2 and bands(ax) == 0
 
@@ -63,7 +63,7 @@ def test_no_completed_runs_means_no_figure(tmp_path):
 def test_pretraining_effect(tmp_path):
     (ax,) = plots.plot_pretraining_effect(runs_of(tmp_path, small_sweep())).axes
     assert ax.get_xscale() == "log" and ax.get_ylabel() == "gain over scratch (points)"
-    assert labelled_lines(ax) == ["resnet50 · fractaldb 12.8k", "vit_tiny_p4 · fractaldb 12.8k"]
+    assert labelled_lines(ax) == ["resnet50 · fractaldb 12.8k", "vit_tiny_p8 · fractaldb 12.8k"]
     assert list(ax.get_lines()[-1].get_ydata()) == pytest.approx([6.0])
 
 
@@ -76,10 +76,10 @@ def test_pretraining_scale_needs_two_sizes(tmp_path):
     with pytest.raises(plots.NoData, match=">= 2 pretraining-set sizes"):
         plots.plot_pretraining_scale(runs_of(tmp_path / "one", small_sweep()))
     records = small_sweep() + [make_result(m, 0.01, s, 0.85, "fractaldb", 50_000)
-                               for m in ("resnet50", "vit_tiny_p4") for s in (0, 1)]
+                               for m in ("resnet50", "vit_tiny_p8") for s in (0, 1)]
     (ax,) = plots.plot_pretraining_scale(runs_of(tmp_path / "two", records)).axes
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "fractaldb pretraining images"
-    assert labelled_lines(ax) == ["resnet50 · 1% of data", "vit_tiny_p4 · 1% of data"]
+    assert labelled_lines(ax) == ["resnet50 · 1% of data", "vit_tiny_p8 · 1% of data"]
     assert list(ax.get_lines()[0].get_xdata()) == [12800, 50000]
 
 

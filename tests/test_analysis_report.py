@@ -59,14 +59,14 @@ def test_report_contents(built):
     for section in ("# Sweep `toy`: ViT vs CNN", "## Setup", "## Findings", "## Tables", "## Figures", "## Method"):
         assert section in text
     assert "- Runs: 13 (11 completed, 1 failed, 1 diverged); 0 upstream pretraining runs; 1 unreadable" in text
-    assert "- Models: resnet50 (cnn), vit_tiny_p4 (vit)" in text and "- Seeds: 0, 1" in text
-    assert "- Spec fields that vary: `model` ∈ {resnet50, vit_tiny_p4}" in text
+    assert "- Models: resnet50 (cnn), vit_tiny_p8 (vit)" in text and "- Seeds: 0, 1" in text
+    assert "- Spec fields that vary: `model` ∈ {resnet50, vit_tiny_p8}" in text
     assert "`lr`=0.001" in text and "- Git commits: `abc123` (13 runs)" in text
     assert "`toy/broken000000/result.json`: unreadable" in text
-    assert ("At 1% of the data (540 images), scratch: resnet50 leads vit_tiny_p4 by 9.0 ± 1.0 points "
+    assert ("At 1% of the data (540 images), scratch: resnet50 leads vit_tiny_p8 by 9.0 ± 1.0 points "
             "(n=2, the range of two seeds).") in text
-    assert "At 10% of the data (5,400 images), scratch: resnet50 leads vit_tiny_p4 by 2.0 points (n=1" in text
-    assert "With fractaldb 12.8k pretraining the gap vit_tiny_p4 − resnet50 at 1% (540) is −5.0 ± 1.0" in text
+    assert "At 10% of the data (5,400 images), scratch: resnet50 leads vit_tiny_p8 by 2.0 points (n=1" in text
+    assert "With fractaldb 12.8k pretraining the gap vit_tiny_p8 − resnet50 at 1% (540) is −5.0 ± 1.0" in text
     assert "not estimated, the power-law fit needs >= 3 distinct training-set sizes" in text
     assert "Only 2 training-set sizes measured" in text
     assert "| 1% (540)                  |       **82.0 ± 2.0** |" in text  # Table 1 inlined

@@ -43,7 +43,7 @@ def test_mean_std_n_and_ci_of_two_seeds(tmp_path):
 def test_single_seed_has_no_interval_and_failures_are_counted(tmp_path):
     summary = stats.summarize(runs_of(tmp_path, small_sweep()))
     cnn = cell(summary, model="resnet50", pretraining="none", train_fraction=0.1)
-    vit = cell(summary, model="vit_tiny_p4", pretraining="none", train_fraction=0.1)
+    vit = cell(summary, model="vit_tiny_p8", pretraining="none", train_fraction=0.1)
     assert (cnn["mean"], cnn["n"], cnn["n_failed"], cnn["n_diverged"]) == (0.88, 1, 1, 0)
     assert (vit["mean"], vit["n"], vit["n_failed"], vit["n_diverged"]) == (0.86, 1, 0, 1)
     assert math.isnan(cnn["ci_low"]) and math.isnan(cnn["ci_high"]) and math.isnan(cnn["std"])
@@ -51,7 +51,7 @@ def test_single_seed_has_no_interval_and_failures_are_counted(tmp_path):
 
 def test_cell_without_the_metric_has_n_0(tmp_path):
     summary = stats.summarize(runs_of(tmp_path, small_sweep()))
-    row = cell(summary, model="vit_tiny_p4", pretraining="fractaldb", train_fraction=0.1)
+    row = cell(summary, model="vit_tiny_p8", pretraining="fractaldb", train_fraction=0.1)
     assert row["n"] == 0 and math.isnan(row["mean"])
 
 
@@ -66,7 +66,7 @@ def test_bootstrap_ci_matches_scipy_and_is_reproducible():
 def test_vit_minus_cnn_is_paired_on_seed(tmp_path):
     diffs = stats.arch_differences(runs_of(tmp_path, small_sweep()))
     scratch = cell(diffs, pretraining="none", train_fraction=0.01)
-    assert (scratch["vit_model"], scratch["cnn_model"]) == ("vit_tiny_p4", "resnet50")
+    assert (scratch["vit_model"], scratch["cnn_model"]) == ("vit_tiny_p8", "resnet50")
     assert scratch["mean"] == pytest.approx(-0.09) and scratch["n"] == 2
     assert (scratch["ci_low"], scratch["ci_high"]) == pytest.approx(scipy_ci([0.70 - 0.80, 0.76 - 0.84]))
     fractal = cell(diffs, pretraining="fractaldb", train_fraction=0.01)
@@ -77,17 +77,17 @@ def test_vit_minus_cnn_is_paired_on_seed(tmp_path):
 
 def test_each_vit_cnn_model_pair_is_compared(tmp_path):
     records = [make_result(m, 0.1, s, acc) for s in (0, 1)
-               for m, acc in (("vit_tiny_p4", 0.7), ("vit_s16", 0.75), ("resnet50", 0.8), ("resnet18", 0.78))]
+               for m, acc in (("vit_tiny_p8", 0.7), ("vit_s16", 0.75), ("resnet50", 0.8), ("resnet18", 0.78))]
     diffs = stats.arch_differences(runs_of(tmp_path, records))
     assert sorted(zip(diffs["vit_model"], diffs["cnn_model"])) == [
-        ("vit_s16", "resnet18"), ("vit_s16", "resnet50"), ("vit_tiny_p4", "resnet18"), ("vit_tiny_p4", "resnet50")]
+        ("vit_s16", "resnet18"), ("vit_s16", "resnet50"), ("vit_tiny_p8", "resnet18"), ("vit_tiny_p8", "resnet50")]
     assert cell(diffs, vit_model="vit_s16", cnn_model="resnet18")["mean"] == pytest.approx(-0.03)
 
 
 def test_pretraining_gain_over_scratch(tmp_path):
     gains = stats.pretraining_gains(runs_of(tmp_path, small_sweep()))
     assert len(gains) == 2
-    assert cell(gains, model="vit_tiny_p4")["mean"] == pytest.approx(0.06)
+    assert cell(gains, model="vit_tiny_p8")["mean"] == pytest.approx(0.06)
     assert cell(gains, model="resnet50")["mean"] == pytest.approx(0.02)
 
 
@@ -96,14 +96,14 @@ def test_generalization_columns_and_mce(tmp_path):
             "corrupt/blur/1/acc1": 0.8, "corrupt/blur/2/acc1": 0.8, "train/acc1": 0.95}
     vit_corr = {"corrupt/noise/1/acc1": 0.75, "corrupt/noise/2/acc1": 0.65,
                 "corrupt/blur/1/acc1": 0.6, "corrupt/blur/2/acc1": 0.6, "train/acc1": 0.99}
-    runs = runs_of(tmp_path, [make_result("resnet50", metrics=corr), make_result("vit_tiny_p4", acc=0.7,
+    runs = runs_of(tmp_path, [make_result("resnet50", metrics=corr), make_result("vit_tiny_p8", acc=0.7,
                                                                                    metrics=vit_corr)])
     out = stats.with_generalization(runs).set_index("model")
     assert out.loc["resnet50", "corrupt/mce"] == pytest.approx(100.0)
     # noise: (0.25 + 0.35) / (0.3 + 0.4); blur: (0.4 + 0.4) / (0.2 + 0.2); mean of the two, in %
-    assert out.loc["vit_tiny_p4", "corrupt/mce"] == pytest.approx(100 * (0.6 / 0.7 + 0.8 / 0.4) / 2)
-    assert out.loc["vit_tiny_p4", "corrupt/mean_acc1"] == pytest.approx(0.65)
-    assert out.loc["vit_tiny_p4", "train_test_gap"] == pytest.approx(0.29)
+    assert out.loc["vit_tiny_p8", "corrupt/mce"] == pytest.approx(100 * (0.6 / 0.7 + 0.8 / 0.4) / 2)
+    assert out.loc["vit_tiny_p8", "corrupt/mean_acc1"] == pytest.approx(0.65)
+    assert out.loc["vit_tiny_p8", "train_test_gap"] == pytest.approx(0.29)
 
 
 @pytest.mark.parametrize("abc", [(8.0, 0.5, 0.02), (1.0, 0.4, 0.08), (50.0, 1.2, 0.15)])

@@ -26,12 +26,12 @@ def column(table: tables.Table, name: str) -> list[str]:
 
 def test_data_efficiency_golden_cells(runs):
     table = tables.data_efficiency_table(runs)
-    assert table.header[:4] == ["Train fraction (images)", "resnet50 · scratch", "vit_tiny_p4 · scratch",
-                                "Δ vit_tiny_p4 − resnet50 · scratch"]
+    assert table.header[:4] == ["Train fraction (images)", "resnet50 · scratch", "vit_tiny_p8 · scratch",
+                                "Δ vit_tiny_p8 − resnet50 · scratch"]
     assert texts(table)[0][:4] == ["1% (540)", "82.0 ± 2.0", "73.0 ± 3.0", "−9.0 ± 1.0"]
     assert texts(table)[1][:4] == ["10% (5,400)", "88.0 ± n/a (n=1)", "86.0 ± n/a (n=1)", "−2.0 ± n/a (n=1)"]
     assert column(table, "resnet50 · fractaldb 12.8k") == ["84.0 ± 2.0", "–"]
-    assert column(table, "vit_tiny_p4 · fractaldb 12.8k") == ["79.0 ± 1.0", "–"]  # the run without test/acc1
+    assert column(table, "vit_tiny_p8 · fractaldb 12.8k") == ["79.0 ± 1.0", "–"]  # the run without test/acc1
     assert [c.bold for c in table.rows[0][1:3]] == [True, False]  # the better architecture
     assert "n = 1–2 seeds per cell (2 unless stated)" in table.caption
     assert table.notes == ["Excluded from the statistics: 1 failed, 1 diverged runs."]
@@ -51,14 +51,14 @@ def test_pretraining_table(runs):
     table = tables.pretraining_table(runs)
     assert table.header == ["Model", "Train fraction (images)", "scratch", "fractaldb 12.8k",
                             "Δ fractaldb 12.8k − scratch"]
-    vit_row = next(r for r in texts(table) if r[:2] == ["vit_tiny_p4", "1% (540)"])
+    vit_row = next(r for r in texts(table) if r[:2] == ["vit_tiny_p8", "1% (540)"])
     assert vit_row[2:] == ["73.0 ± 3.0", "79.0 ± 1.0", "+6.0 ± 2.0"]
-    bold = next(r for r in table.rows if r[0].text == "vit_tiny_p4")
+    bold = next(r for r in table.rows if r[0].text == "vit_tiny_p8")
     assert [c.bold for c in bold[2:4]] == [False, True]
 
 
 def test_pretraining_table_skipped_without_pretraining(tmp_path):
-    write_runs(tmp_path, [make_result("resnet50"), make_result("vit_tiny_p4")])
+    write_runs(tmp_path, [make_result("resnet50"), make_result("vit_tiny_p8")])
     with pytest.raises(tables.NoData, match="no pretrained runs"):
         tables.pretraining_table(collect.collect_runs(tmp_path, SWEEP))
 
@@ -66,10 +66,10 @@ def test_pretraining_table_skipped_without_pretraining(tmp_path):
 def test_generalization_table_fills_what_exists(tmp_path):
     corr = {"corrupt/noise/1/acc1": 0.7, "corrupt/noise/2/acc1": 0.6, "test/ece": 0.031}
     vit_corr = {"corrupt/noise/1/acc1": 0.6, "corrupt/noise/2/acc1": 0.5, "test/ece": 0.052}
-    write_runs(tmp_path, [make_result("resnet50", metrics=corr), make_result("vit_tiny_p4", acc=0.7,
+    write_runs(tmp_path, [make_result("resnet50", metrics=corr), make_result("vit_tiny_p8", acc=0.7,
                                                                                metrics=vit_corr)])
     table = tables.generalization_table(collect.collect_runs(tmp_path, SWEEP))
-    assert column(table, "Model") == ["resnet50", "vit_tiny_p4"]
+    assert column(table, "Model") == ["resnet50", "vit_tiny_p8"]
     assert column(table, "Mean corrupted acc. (%)") == ["65.0 ± n/a (n=1)", "55.0 ± n/a (n=1)"]
     assert column(table, "mCE (%)") == ["100.0 ± n/a (n=1)", f"{100 * 0.9 / 0.7:.1f} ± n/a (n=1)"]
     assert column(table, "ECE (%)") == ["3.1 ± n/a (n=1)", "5.2 ± n/a (n=1)"]
@@ -88,7 +88,7 @@ def test_cost_table(runs):
 def test_latex_is_booktabs_and_escaped(runs):
     tex = tables.data_efficiency_table(runs).to_latex()
     for piece in (r"\begin{tabular}{lrrrrrr}", r"\toprule", r"\midrule", r"\bottomrule",
-                  r"\textbf{82.0 $\pm$ 2.0}", r"vit\_tiny\_p4", r"$-$9.0 $\pm$ 1.0", r"1\% (540)",
+                  r"\textbf{82.0 $\pm$ 2.0}", r"vit\_tiny\_p8", r"$-$9.0 $\pm$ 1.0", r"1\% (540)",
                   r"\label{tab:table1_data_efficiency}", r"n = 1--2 seeds"):
         assert piece in tex
     assert tables.latex_escape("a_b & 5% #1 {x}") == r"a\_b \& 5\% \#1 \{x\}"

@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 
 def test_one_no_weight_decay_rule_for_every_net() -> None:
-    vit = build_model("vit_tiny_p4", 10, 1, 32)
+    vit = build_model("vit_tiny_p8", 10, 1, 32)
     decayed, exempt = decay_groups(vit)
     assert {"pos_embed.weight", "cls_token"} <= set(exempt)
     assert all(n.endswith(".bias") or "norm" in n or n in ("pos_embed.weight", "cls_token") for n in exempt)
@@ -27,7 +27,7 @@ def test_one_no_weight_decay_rule_for_every_net() -> None:
 
 
 def test_optimizer_applies_the_rule() -> None:
-    net = build_model("vit_tiny_p4", 10, 1, 32)
+    net = build_model("vit_tiny_p8", 10, 1, 32)
     module = ImageClassifier(net, 10, weight_decay=0.07)
     optimizer = module.configure_optimizers()["optimizer"]
     by_id = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}

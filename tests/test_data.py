@@ -166,3 +166,12 @@ def test_fashion_mnist_datamodule_on_the_debian_files() -> None:
     dm.setup()
     assert (dm.n_train, len(dm.val_idx), len(dm.test_set)) == (580, 2000, 10000)
     assert np.bincount(dm.source.train_targets[dm.train_idx]).tolist() == [58] * 10
+
+
+def test_batched_evaluation_equals_per_sample_transforms() -> None:
+    dm = ImageDataModule("synthetic", img_size=40, in_chans=3, batch_size=8, val_size=32, data_seed=0)
+    dm.setup()
+    batched = next(iter(dm.val_dataloader()))
+    single = torch.stack([dm.val_set[i][0] for i in range(len(batched[0]))])
+    assert torch.allclose(batched[0], single, atol=1e-6)
+    assert batched[1].tolist() == [dm.val_set[i][1] for i in range(len(batched[1]))]

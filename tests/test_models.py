@@ -15,7 +15,7 @@ from lightning_modules.vit import VisionTransformer
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("name, size, chans", [("vit_tiny_p4", 32, 1), ("resnet50", 32, 1), ("resnet18", 32, 3),
+@pytest.mark.parametrize("name, size, chans", [("vit_tiny_p8", 32, 1), ("resnet50", 32, 1), ("resnet18", 32, 3),
                                                ("vit_ti16", 224, 3)])
 def test_every_net_has_one_face(name: str, size: int, chans: int) -> None:
     net = build_model(name, num_classes=7, in_chans=chans, img_size=size).eval()
@@ -44,7 +44,7 @@ def test_unknown_model_and_missing_weights_are_one_line_errors(tmp_path: Path) -
     with pytest.raises(ModelError, match=r"model='vgg'.*allowed"):
         build_model("vgg", 10, 3, 32)
     with pytest.raises(ModelError, match="pretrained=True"):
-        build_model("vit_tiny_p4", 10, 1, 32, pretrained=True)
+        build_model("vit_tiny_p8", 10, 1, 32, pretrained=True)
     with pytest.raises(ModelError, match="weights_file"):
         build_model("resnet18", 10, 3, 32, pretrained=True, weights_file=tmp_path / "none.pth")
 
@@ -74,7 +74,7 @@ def test_imagenet_weights_adapt_to_grey_images_and_new_classes(tmp_path: Path) -
     assert net.fc.out_features == 10
 
 
-@pytest.mark.parametrize("name", ["vit_tiny_p4", "resnet18"])
+@pytest.mark.parametrize("name", ["vit_tiny_p8", "resnet18"])
 def test_load_backbone_copies_everything_but_the_head(name: str) -> None:
     upstream = build_model(name, num_classes=64, in_chans=1, img_size=32)
     target = build_model(name, num_classes=10, in_chans=1, img_size=32)
@@ -90,5 +90,5 @@ def test_load_backbone_copies_everything_but_the_head(name: str) -> None:
 
 
 def test_catalog_arch_labels() -> None:
-    assert {n for n, i in MODELS.items() if i.arch == "vit"} == {"vit_ti16", "vit_s16", "vit_b16", "vit_tiny_p4"}
+    assert {n for n, i in MODELS.items() if i.arch == "vit"} == {"vit_ti16", "vit_s16", "vit_b16", "vit_tiny_p8"}
     assert {n for n, i in MODELS.items() if i.arch == "cnn"} == {"resnet50", "resnet18"}

@@ -11,7 +11,7 @@ def test_run_id_hashes_the_computation_not_the_placement() -> None:
     spec = RunSpec.create("cpu", model="resnet50", train_fraction=0.1)
     assert spec.run_id == RunSpec.create("cpu", model="resnet50", train_fraction=0.1).run_id
     assert spec.run_id == spec.replace(sweep="other", wandb="off", data_dir="/x", num_workers=3).run_id
-    for change in (dict(seed=1), dict(train_fraction=0.2), dict(lr=2e-3), dict(model="vit_tiny_p4"),
+    for change in (dict(seed=1), dict(train_fraction=0.2), dict(lr=2e-3), dict(model="vit_tiny_p8"),
                    dict(data_seed=1), dict(pretraining="fractaldb")):
         assert spec.replace(**change).run_id != spec.run_id, change
 
@@ -29,7 +29,7 @@ def test_round_trip_through_dict() -> None:
     (dict(max_steps=0, min_steps=0), "min_steps", "0"),
     (dict(max_steps=-3), "max_steps", "-3"),
     (dict(pretraining="jft"), "pretraining", "jft"),
-    (dict(model="vit_tiny_p4", pretraining="imagenet"), "pretraining", "imagenet"),
+    (dict(model="vit_tiny_p8", pretraining="imagenet"), "pretraining", "imagenet"),
     (dict(lr=True), "lr", "True"),
     (dict(colour="red"), "field", "colour"),
 ])
@@ -60,7 +60,7 @@ def test_budget_grows_with_data_between_floor_and_cap() -> None:
 def test_upstream_is_shared_across_target_fractions_not_models() -> None:
     a = RunSpec.create("cpu", model="resnet50", train_fraction=0.01, pretraining="fractaldb")
     b = RunSpec.create("cpu", model="resnet50", train_fraction=0.3, pretraining="fractaldb")
-    c = RunSpec.create("cpu", model="vit_tiny_p4", train_fraction=0.01, pretraining="fractaldb")
+    c = RunSpec.create("cpu", model="vit_tiny_p8", train_fraction=0.01, pretraining="fractaldb")
     assert a.upstream().run_id == b.upstream().run_id != c.upstream().run_id
     up = a.upstream()
     assert (up.dataset, up.role, up.pretraining, up.train_fraction) == ("fractaldb", "pretrain", "none", 1.0)
