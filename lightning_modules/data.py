@@ -439,7 +439,7 @@ class ImageDataModule(pl.LightningDataModule):
                  augment: str = "basic", mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  data_dir: str | Path | None = None, download: bool = True,
                  fractal_classes: int = 0, fractal_size: int = 0, fractal_seed: int = 0,
-                 num_workers: int = 0, train_eval_size: int = 2048) -> None:
+                 num_workers: int = 0, train_eval_size: int = 1024) -> None:
         super().__init__()
         if dataset not in DATASETS:
             raise DataError(f"invalid dataset={dataset!r} (allowed: {' | '.join(DATASETS)})")
