@@ -8,7 +8,7 @@ SWEEP ?= default
 EXECUTOR ?= local
 RUNS ?= runs
 RESULTS ?= results
-MAX_PARALLEL ?= 2
+MAX_PARALLEL ?= 1
 SWEEP_ARGS ?=
 
 .DEFAULT_GOAL := help

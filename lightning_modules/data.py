@@ -362,8 +362,20 @@ class SeededSubset(Dataset):
             return self.transform(image), label, seed
 
     def __getitems__(self, items: list) -> list:
-        """A whole batch at once: evaluation batches of in-memory images are transformed as one tensor."""
-        if not isinstance(self.base, TensorImages) or any(isinstance(item, tuple) for item in items):
+        """A whole batch at once, identical to item by item but faster.
+
+        Training items `(i, seed)` share one RNG fork; evaluation batches of
+        in-memory images are transformed as one tensor.
+        """
+        if any(isinstance(item, tuple) for item in items):
+            batch = []
+            with torch.random.fork_rng(devices=[]):
+                for i, seed in items:
+                    image, label = self.base[int(self.indices[i])]
+                    torch.manual_seed(seed)
+                    batch.append((self.transform(image), label, seed))
+            return batch
+        if not isinstance(self.base, TensorImages):
             return [self[item] for item in items]
         rows = torch.as_tensor(self.indices[np.asarray(items, dtype=np.int64)])
         images = self.transform(self.base.images[rows])  # (B, C, H, W): deterministic, so batching is exact
@@ -496,6 +508,11 @@ class ImageDataModule(pl.LightningDataModule):
             src.train_targets, self.data_seed, self.train_fraction, self.val_size, test_size)
         self.num_classes = int(src.train_targets.max()) + 1
         self.classes = src.classes
+        if native <= 64 and native != self.img_size:  # resize in-memory images once, not every epoch
+            for part in (src.train, src.test):
+                if isinstance(part, TensorImages):
+                    part.images = v2.functional.resize(part.images, [self.img_size] * 2, antialias=True)
+            native = self.img_size
         train_tf = build_transforms(self.dataset, self.img_size, self.in_chans, self.augment, True, native)
         eval_tf = build_transforms(self.dataset, self.img_size, self.in_chans, "none", False, native)
         self.train_set = SeededSubset(src.train, self.train_idx, train_tf)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lightning_modules.data import (DataError, ImageDataModule, MixCollate, build_transforms, load_cifar,
-                                    load_fashion_mnist, load_imagefolder, split_indices, subset_hash)
+                                    load_fashion_mnist, load_imagefolder, make_synthetic, split_indices,
+                                    subset_hash)
 
 torch.set_num_threads(1)
 TARGETS = np.repeat(np.arange(10), [500, 400, 300, 600, 500, 500, 200, 700, 500, 300])  # imbalanced
@@ -175,3 +176,22 @@ def test_batched_evaluation_equals_per_sample_transforms() -> None:
     single = torch.stack([dm.val_set[i][0] for i in range(len(batched[0]))])
     assert torch.allclose(batched[0], single, atol=1e-6)
     assert batched[1].tolist() == [dm.val_set[i][1] for i in range(len(batched[1]))]
+
+
+def test_fast_paths_equal_the_plain_per_sample_pipeline() -> None:
+    """Pre-resizing in-memory images and batched fetching change speed, not pixels."""
+    dm = ImageDataModule("synthetic", img_size=40, in_chans=1, batch_size=8, val_size=32, data_seed=3,
+                         augment="randaug")
+    raw = make_synthetic().train
+    dm.setup()
+    plain_eval = build_transforms("synthetic", 40, 1, "none", False, native_size=32)
+    i = int(dm.val_idx[0])
+    assert torch.allclose(dm.val_set[0][0], plain_eval(raw.images[i]), atol=1e-6)
+    plain_train = build_transforms("synthetic", 40, 1, "randaug", True, native_size=32)
+    items = [(0, 11), (5, 12), (9, 13)]
+    batch = dm.train_set.__getitems__(items)
+    for (pos, seed), (image, label, _) in zip(items, batch):
+        torch.manual_seed(seed)
+        expected = plain_train(raw.images[int(dm.train_idx[pos])])
+        assert torch.allclose(image, expected, atol=1e-6) and label == int(raw.targets[dm.train_idx[pos]])
+        assert torch.equal(image, dm.train_set[(pos, seed)][0])
