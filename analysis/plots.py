@@ -21,6 +21,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from analysis import files, stats
 from analysis.tables import NoData, condition_label, conditions
@@ -227,6 +228,7 @@ def plot_cost(runs: pd.DataFrame, metric: str = stats.METRIC) -> Figure:
                 cell = acc[acc["dataset"] == dataset].merge(cost, on=stats.CELL).dropna(subset=[kind])
                 _curves(ax, cell, kind, styler)
                 ax.set(xscale="log", xlabel=COST_AXES[kind], ylabel=ACC_LABEL, title=dataset)
+                ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor labels on short spans
         return _finish(fig)
 
 
