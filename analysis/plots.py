@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from analysis import files, stats
-from analysis.tables import NoData, condition_label, conditions
+from analysis.tables import NoData, condition_label, conditions, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -260,18 +260,7 @@ def write_figures(runs: pd.DataFrame, out_dir: Path) -> tuple[dict[str, list[Pat
     Returns:
         {figure name: [png, pdf]} and {skipped figure name: reason}.
     """
-    written, skipped = {}, {}
-    for name, plot in FIGURES.items():
-        try:
-            fig = plot(runs)
-        except NoData as reason:
-            log.info("figure %s skipped: %s", name, reason)
-            skipped[name] = str(reason)
-            for suffix in (".png", ".pdf"):
-                (Path(out_dir) / f"{name}{suffix}").unlink(missing_ok=True)
-            continue
-        written[name] = save_figure(fig, Path(out_dir) / name)
-    return written, skipped
+    return write_outputs(FIGURES, runs, out_dir, (".png", ".pdf"), save_figure, "figure", log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tabulate import tabulate
@@ -393,20 +394,39 @@ def write_tables(runs: pd.DataFrame, out_dir: Path) -> tuple[list[Table], dict[s
     Returns:
         The tables written, and {skipped table name: reason}.
     """
-    built, skipped = [], {}
-    for name, make in TABLES.items():
+    def save(table: Table, stem: Path) -> Table:
+        files.write_text(stem.with_suffix(".md"), table.to_markdown())
+        files.write_text(stem.with_suffix(".tex"), table.to_latex())
+        return table
+
+    built, skipped = write_outputs(TABLES, runs, out_dir, (".md", ".tex"), save, "table", log)
+    return list(built.values()), skipped
+
+
+def write_outputs(makers: dict[str, Callable[[pd.DataFrame], Any]], runs: pd.DataFrame, out_dir: Path,
+                  suffixes: tuple[str, ...], save: Callable[[Any, Path], Any], kind: str,
+                  logger: logging.Logger) -> tuple[dict[str, Any], dict[str, str]]:
+    """Make every table or figure that has data and `save(it, out_dir / name)`.
+
+    A maker raising NoData is skipped with a logged reason, and its files
+    (`name` + each of `suffixes`) are deleted, so none is stale.
+
+    Returns:
+        {name: what `save` returned} and {skipped name: reason}.
+    """
+    saved, skipped = {}, {}
+    for name, make in makers.items():
+        stem = Path(out_dir) / name
         try:
-            table = make(runs)
+            made = make(runs)
         except NoData as reason:
-            log.info("table %s skipped: %s", name, reason)
+            logger.info("%s %s skipped: %s", kind, name, reason)
             skipped[name] = str(reason)
-            for suffix in (".md", ".tex"):
-                (Path(out_dir) / f"{name}{suffix}").unlink(missing_ok=True)
+            for suffix in suffixes:
+                stem.with_suffix(suffix).unlink(missing_ok=True)
             continue
-        files.write_text(Path(out_dir) / f"{name}.md", table.to_markdown())
-        files.write_text(Path(out_dir) / f"{name}.tex", table.to_latex())
-        built.append(table)
-    return built, skipped
+        saved[name] = save(made, stem)
+    return saved, skipped
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,12 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def completed_result(run_dir: Path) -> dict[str, Any] | None:
+    """The run's result when it completed; None when unfinished, failed or diverged."""
+    result = read_result(run_dir)
+    return result if result is not None and result.get("status") == "completed" else None
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
     """An exclusive advisory lock (flock) held for the block.
@@ -131,7 +137,7 @@ def preflight(spec: RunSpec) -> Any:
     """Everything that can fail on bad input, before any work: the data and the weights file.
 
     Returns:
-        The loaded (not yet split) ImageDataModule.
+        The ImageDataModule, loaded and split.
 
     Raises:
         SpecError: with one line naming the field and value.
@@ -240,8 +246,8 @@ def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True) -> 
     """
     runs_dir = Path(runs_dir)
     run_dir = run_dir_for(spec, runs_dir)
-    done = read_result(run_dir)
-    if done is not None and done.get("status") == "completed":
+    done = completed_result(run_dir)
+    if done is not None:
         return done
     datamodule = preflight(spec)  # bad input fails here, before anything is written
     with contextlib.ExitStack() as stack:
@@ -249,8 +255,8 @@ def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True) -> 
             stack.enter_context(run_lock(spec, runs_dir, blocking=blocking))
         except BlockingIOError:
             return None
-        done = read_result(run_dir)  # another worker may have finished it meanwhile
-        if done is not None and done.get("status") == "completed":
+        done = completed_result(run_dir)  # another worker may have finished it meanwhile
+        if done is not None:
             return done
         upstream = spec.upstream()
         upstream_dir = ensure_pretrained(upstream, runs_dir) if upstream is not None else None
@@ -261,9 +267,7 @@ def ensure_pretrained(upstream: RunSpec, runs_dir: Path) -> Path:
     """Run the pretraining spec once (under its lock) and return its directory."""
     up_dir = run_dir_for(upstream, runs_dir)
     with run_lock(upstream, runs_dir):
-        result = read_result(up_dir)
-        if result is None or result.get("status") != "completed":
-            result = _train(upstream, up_dir, preflight(upstream), None)
+        result = completed_result(up_dir) or _train(upstream, up_dir, preflight(upstream), None)
     if result.get("status") != "completed":
         raise RuntimeError(f"pretraining run {upstream.run_id} {result.get('status')}: {result.get('error')}")
     return up_dir
