@@ -343,10 +343,11 @@ class SeededSubset(Dataset):
     Items are requested as `(index, seed)` pairs, so the augmentation of a
     sample depends on (data_seed, epoch, position) only, never on the model's
     RNG use: two nets trained with one data_seed see identical batches.
+    `random=False` declares the transform deterministic (no augmentation).
     """
 
-    def __init__(self, base: Dataset, indices: np.ndarray, transform: Callable) -> None:
-        self.base, self.indices, self.transform = base, indices, transform
+    def __init__(self, base: Dataset, indices: np.ndarray, transform: Callable, random: bool = False) -> None:
+        self.base, self.indices, self.transform, self.random = base, indices, transform, random
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -358,28 +359,33 @@ class SeededSubset(Dataset):
         if seed is None:
             return self.transform(image), label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU RNG the transforms draw from
             return self.transform(image), label, seed
 
     def __getitems__(self, items: list) -> list:
         """A whole batch at once, identical to item by item but faster.
 
-        Training items `(i, seed)` share one RNG fork; evaluation batches of
-        in-memory images are transformed as one tensor.
+        Augmented items `(i, seed)` share one RNG fork; in-memory images under
+        a deterministic transform are transformed as one (B, C, H, W) tensor.
         """
-        if any(isinstance(item, tuple) for item in items):
-            batch = []
-            with torch.random.fork_rng(devices=[]):
-                for i, seed in items:
-                    image, label = self.base[int(self.indices[i])]
-                    torch.manual_seed(seed)
-                    batch.append((self.transform(image), label, seed))
-            return batch
-        if not isinstance(self.base, TensorImages):
+        seeded = any(isinstance(item, tuple) for item in items)
+        if isinstance(self.base, TensorImages) and not (seeded and self.random):
+            positions = [item[0] for item in items] if seeded else items
+            rows = torch.as_tensor(self.indices[np.asarray(positions, dtype=np.int64)])
+            images = self.transform(self.base.images[rows])  # deterministic, so batching is exact
+            labels = self.base.targets[rows.numpy()].tolist()
+            if seeded:
+                return [(image, label, seed) for image, label, (_, seed) in zip(images, labels, items)]
+            return list(zip(images, labels))
+        if not seeded:
             return [self[item] for item in items]
-        rows = torch.as_tensor(self.indices[np.asarray(items, dtype=np.int64)])
-        images = self.transform(self.base.images[rows])  # (B, C, H, W): deterministic, so batching is exact
-        return list(zip(images, self.base.targets[rows.numpy()].tolist()))
+        batch = []
+        with torch.random.fork_rng(devices=[]):
+            for i, seed in items:
+                image, label = self.base[int(self.indices[i])]
+                torch.default_generator.manual_seed(seed)
+                batch.append((self.transform(image), label, seed))
+        return batch
 
 
 class SeededShuffle(Sampler):
@@ -515,7 +521,7 @@ class ImageDataModule(pl.LightningDataModule):
             native = self.img_size
         train_tf = build_transforms(self.dataset, self.img_size, self.in_chans, self.augment, True, native)
         eval_tf = build_transforms(self.dataset, self.img_size, self.in_chans, "none", False, native)
-        self.train_set = SeededSubset(src.train, self.train_idx, train_tf)
+        self.train_set = SeededSubset(src.train, self.train_idx, train_tf, random=self.augment != "none")
         self.val_set = SeededSubset(src.train, self.val_idx, eval_tf)
         self.test_set = (SeededSubset(src.test, np.arange(len(src.test)), eval_tf) if src.test is not None
                          else SeededSubset(src.train, test_idx, eval_tf))

@@ -195,3 +195,19 @@ def test_fast_paths_equal_the_plain_per_sample_pipeline() -> None:
         expected = plain_train(raw.images[int(dm.train_idx[pos])])
         assert torch.allclose(image, expected, atol=1e-6) and label == int(raw.targets[dm.train_idx[pos]])
         assert torch.equal(image, dm.train_set[(pos, seed)][0])
+
+
+def test_unaugmented_training_batches_are_transformed_as_one_tensor_with_the_same_pixels() -> None:
+    """augment="none": the batched training path equals the per-sample pipeline and keeps the seeds."""
+    dm = ImageDataModule("synthetic", img_size=40, in_chans=3, batch_size=8, val_size=32, data_seed=3,
+                         augment="none")
+    raw = make_synthetic().train
+    dm.setup()
+    assert dm.train_set.random is False
+    plain = build_transforms("synthetic", 40, 3, "none", True, native_size=32)
+    items = [(0, 11), (5, 12), (9, 13)]
+    batch = dm.train_set.__getitems__(items)
+    assert [seed for _, _, seed in batch] == [11, 12, 13]
+    for (pos, _), (image, label, _) in zip(items, batch):
+        row = int(dm.train_idx[pos])
+        assert torch.allclose(image, plain(raw.images[row]), atol=1e-6) and label == int(raw.targets[row])
