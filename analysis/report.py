@@ -176,7 +176,15 @@ def _crossover_findings(cross: pd.DataFrame) -> Iterable[str]:
                    f"{stats.EXTRAPOLATION:g}× the largest size: the ViT's fitted error stays above the CNN's.")
             continue
         if c["status"] == "vit_ahead":
-            yield f"Crossover {who}: none, the ViT's fitted error is already lower at {_images(c['n_min'])} images."
+            lead = f"the ViT's fitted error is already lower at {_images(c['n_min'])} images"
+            if math.isnan(c["cnn_overtakes"]):
+                yield (f"Crossover {who}: none, {lead} and stays lower up to {stats.EXTRAPOLATION:g}× the "
+                       "largest size.")
+            else:
+                beyond = ("inside the measured range" if c["cnn_overtakes"] <= c["n_max"]
+                          else "beyond the largest measured size, an extrapolation")
+                yield (f"Crossover {who}: reversed, {lead}, and the CNN's falls below it at "
+                       f"≈ {_images(c['cnn_overtakes'])} training images ({beyond}).")
             continue
         where = ("inside the measured range" if c["status"] == "measured"
                  else f"beyond the largest measured size, an extrapolation (up to {stats.EXTRAPOLATION:g}×)")

@@ -359,6 +359,8 @@ class Crossover:
         found: fraction of bootstrap resamples with a crossover in range.
         n_min, n_max: the measured size range.
         note: why the interval is undetermined, or why nothing was fitted.
+        cnn_overtakes: with "vit_ahead", the size where the CNN's fitted error
+            falls below the ViT's (the reversed crossover; NaN = not in range).
     """
 
     status: str
@@ -369,6 +371,7 @@ class Crossover:
     n_min: float = math.nan
     n_max: float = math.nan
     note: str = ""
+    cnn_overtakes: float = math.nan
 
 
 def crossover(
@@ -402,8 +405,11 @@ def crossover(
     n_high = EXTRAPOLATION * n_max
     point = find_crossover(vit_fit, cnn_fit, n_min, n_high)
     if point is None:
-        ahead = vit_fit(n_min) < cnn_fit(n_min)
-        return Crossover("vit_ahead" if ahead else "none", n_min=n_min, n_max=n_max)
+        if vit_fit(n_min) < cnn_fit(n_min):
+            reverse = find_crossover(cnn_fit, vit_fit, n_min, n_high)
+            return Crossover("vit_ahead", n_min=n_min, n_max=n_max,
+                             cnn_overtakes=math.nan if reverse is None else reverse)
+        return Crossover("none", n_min=n_min, n_max=n_max)
     status = "measured" if point <= n_max else "extrapolated"
     if min(np.unique(vit_n, return_counts=True)[1].min(), np.unique(cnn_n, return_counts=True)[1].min()) < 2:
         return Crossover(status, point, n_min=n_min, n_max=n_max, note="n=1 at some sizes: no bootstrap over seeds")

@@ -87,6 +87,11 @@ def test_crossover_and_weak_evidence_findings(tmp_path):
     lines = report.findings_section(runs, stats.crossovers(runs, n_boot=10))
     assert any("no crossover in the measured range (540–54,000 images), nor up to 10×" in line for line in lines)
     assert "- Every cell has a single seed: no confidence intervals, every comparison is anecdotal." in lines
+    write_runs(tmp_path / "reversed", power_law_sweep(vit=(1.0, 0.4, 0.08), cnn=(8.0, 0.5, 0.02)))
+    runs = collect.collect_runs(tmp_path / "reversed", SWEEP)
+    lines = report.findings_section(runs, stats.crossovers(runs, n_boot=10))
+    assert any("reversed, the ViT's fitted error is already lower at 540 images, and the CNN's falls below it "
+               "at ≈ 8,491 training images (inside the measured range)" in line for line in lines)
 
 
 def test_overlapping_ci_is_called_out(tmp_path):

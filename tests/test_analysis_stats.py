@@ -156,7 +156,15 @@ def test_no_crossover_when_the_vit_stays_worse(tmp_path):
 
 def test_vit_ahead_from_the_smallest_size(tmp_path):
     row = stats.crossovers(runs_of(tmp_path, power_law_sweep(vit=(0.5, 0.4, 0.01))), n_boot=10).iloc[0]
-    assert row["status"] == "vit_ahead"
+    assert row["status"] == "vit_ahead" and math.isnan(row["cnn_overtakes"])
+
+
+def test_reversed_crossover_names_where_the_cnn_overtakes(tmp_path):
+    vit, cnn = (1.0, 0.4, 0.08), (8.0, 0.5, 0.02)  # the ViT leads on little data, the CNN on more
+    row = stats.crossovers(runs_of(tmp_path, power_law_sweep(vit, cnn)), n_boot=10).iloc[0]
+    assert row["status"] == "vit_ahead" and math.isnan(row["n"])
+    assert row["cnn_overtakes"] == pytest.approx(true_crossover(vit, cnn), rel=0.01)
+    assert row["n_min"] < row["cnn_overtakes"] < row["n_max"]
 
 
 def test_crossover_interval_undetermined_with_one_seed(tmp_path):
