@@ -1,8 +1,9 @@
 """Training throughput of the registered nets: images/s, step time, peak memory, achieved FLOP/s, MFU.
 
-One optimizer step = forward + backward + AdamW update of the same
-`ImageClassifier` recipe the runs use (autocast to bf16 when asked, CNNs
-channels-last). Prints one line per net; the measured results live in
+One optimizer step = forward + backward + AdamW update with the runs'
+label-smoothed loss (autocast to bf16 when asked, CNNs channels-last as in
+`ImageClassifier`), without Lightning, weight-decay groups or gradient
+clipping. Prints one line per net; the measured results live in
 benchmarks/RESULTS.md with the command that produced them.
 
     python benchmarks/train_throughput.py --models vit_tiny_p8 resnet50 --img-size 32 --in-chans 1 --batch 64
@@ -18,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lightning_modules.classifier import prefers_channels_last
 from lightning_modules.models import build_model, count_params, flops_per_image
 
 
@@ -26,8 +28,7 @@ def measure(name: str, img_size: int, in_chans: int, batch: int, steps: int, war
     """Time `steps` training steps after `warmup` ones; return the figures."""
     net = build_model(name, num_classes=10, in_chans=in_chans, img_size=img_size).to(device)
     flops = flops_per_image(net, in_chans, img_size)
-    channels_last = any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if prefers_channels_last(net) else torch.contiguous_format
     net = net.to(memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     images = torch.randn(batch, in_chans, img_size, img_size, device=device).contiguous(memory_format=memory_format)

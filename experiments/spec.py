@@ -40,7 +40,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # 250 steps of 128 (~3 min for ResNet50) is about half an epoch of the full
     # pool: no image is seen twice, so augmentation cannot fight overfitting and
     # only makes the task harder (measured, benchmarks/RESULTS.md: random crop +
-    # flip cost ResNet50 5 points and the ViT 14 at this budget).
+    # flip cost ResNet50 4.5 points and the ViT 12.5 at this budget).
     "cpu": dict(
         dataset="fashion_mnist", model="resnet50", img_size=32, batch_size=128,
         epochs=3.0, min_steps=80, max_steps=250, num_evals=4,

@@ -33,8 +33,9 @@ MODELS: dict[str, ModelInfo] = {
                          dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
     "vit_b16": ModelInfo("vit", "vit_base_patch16_224.augreg_in21k_ft_in1k",
                          dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)),
-    # CPU profile: a small ViT sized for 32 px images (patch 8: 16 tokens), the best of six
-    # sizes tried at equal steps on this 2-core machine (README: "Choosing the CPU ViT").
+    # CPU profile: a small ViT sized for 32 px images (patch 8: 16 tokens): the best of the
+    # sizes tried at equal steps on a 2-core machine, level with one 3.4x larger
+    # (benchmarks/RESULTS.md).
     "vit_tiny_p8": ModelInfo("vit", None,
                              dict(patch_size=8, embed_dim=256, depth=4, num_heads=4, mlp_ratio=2.0)),
     # CNNs come from timm unchanged.

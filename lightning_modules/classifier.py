@@ -18,6 +18,11 @@ import torchmetrics
 from torch import nn
 
 
+def prefers_channels_last(net: nn.Module) -> bool:
+    """Whether `net` has convolutions, which run faster channels-last (a memory layout, not a change of the math)."""
+    return any(isinstance(m, nn.Conv2d) for m in net.modules())
+
+
 def decay_groups(net: nn.Module) -> tuple[list[str], list[str]]:
     """Split parameter names by the one no-weight-decay rule.
 
@@ -61,8 +66,7 @@ class ImageClassifier(pl.LightningModule):
                  label_smoothing: float = 0.1, betas: tuple[float, float] = (0.9, 0.999)) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
-        # Convolutional nets run channels-last (a memory layout, not a change of the math): faster on CPU and GPU.
-        self.channels_last = any(isinstance(m, nn.Conv2d) for m in net.modules())
+        self.channels_last = prefers_channels_last(net)
         self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net
         self.diverged = False
         metrics = lambda: torchmetrics.MetricCollection({  # noqa: E731 (one recipe for each split)
