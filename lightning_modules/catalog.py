@@ -6,7 +6,10 @@ well under a second, before any heavy import or any work starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_modules.vit_config import ViTConfig
 
 
 @dataclass(frozen=True)
@@ -17,30 +20,33 @@ class ModelInfo:
         arch: "vit" or "cnn": which side of the comparison the net is on.
         timm_name: the timm architecture whose weights it shares (ImageNet
             pretraining loads these), or None when timm has no such weights.
-        config: keyword arguments for our ViT (vit nets) or timm (cnn nets).
+        vit: the ViT's architecture (vit nets; image size, channels and classes
+            are set when the net is built).
+        timm_kwargs: extra keyword arguments for `timm.create_model` (cnn nets).
     """
 
     arch: str
     timm_name: str | None
-    config: dict
+    vit: ViTConfig | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 MODELS: dict[str, ModelInfo] = {
     # Paper-scale pair (224 px, patch 16), same widths as timm / DeiT.
     "vit_ti16": ModelInfo("vit", "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
-                          dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)),
+                          ViTConfig(patch_size=16, embed_dim=192, depth=12, num_heads=3)),
     "vit_s16": ModelInfo("vit", "vit_small_patch16_224.augreg_in21k_ft_in1k",
-                         dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
+                         ViTConfig(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
     "vit_b16": ModelInfo("vit", "vit_base_patch16_224.augreg_in21k_ft_in1k",
-                         dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)),
+                         ViTConfig(patch_size=16, embed_dim=768, depth=12, num_heads=12)),
     # CPU profile: a small ViT sized for 32 px images (patch 8: 16 tokens): the best of the
     # sizes tried at equal steps on a 2-core machine, level with one 3.4x larger
     # (benchmarks/RESULTS.md).
     "vit_tiny_p8": ModelInfo("vit", None,
-                             dict(patch_size=8, embed_dim=256, depth=4, num_heads=4, mlp_ratio=2.0)),
+                             ViTConfig(img_size=32, patch_size=8, embed_dim=256, depth=4, num_heads=4, mlp_ratio=2.0)),
     # CNNs come from timm unchanged.
-    "resnet50": ModelInfo("cnn", "resnet50.a1_in1k", {}),
-    "resnet18": ModelInfo("cnn", "resnet18.a1_in1k", {}),
+    "resnet50": ModelInfo("cnn", "resnet50.a1_in1k"),
+    "resnet18": ModelInfo("cnn", "resnet18.a1_in1k"),
 }
 
 

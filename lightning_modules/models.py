@@ -54,14 +54,15 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
         timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_file))
 
     if info.arch == "vit":
-        config = {**info.config, **overrides}
+        built_later = ("img_size", "in_chans", "num_classes")
+        config = {**{k: v for k, v in info.vit.to_dict().items() if k not in built_later}, **overrides}
         if not pretrained:
             return VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes, **config)
         drop_path = config.pop("drop_path_rate", 0.0)
         reference = timm.create_model(info.timm_name, pretrained=True, img_size=img_size, **timm_kwargs)
         return VisionTransformer.from_timm(reference, drop_path_rate=drop_path)
     return timm.create_model(info.timm_name.split(".")[0] if not pretrained else info.timm_name,
-                             pretrained=pretrained, **timm_kwargs, **overrides)
+                             pretrained=pretrained, **timm_kwargs, **info.timm_kwargs, **overrides)
 
 
 def load_backbone(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:

@@ -1,0 +1,136 @@
+"""The result contract: the keys of `runs/SWEEP/RUN_ID/result.json`, written down once.
+
+`experiments` writes records that `check` accepts; `analysis` validates every
+file it reads with the same `check`. docs/results.md explains each key. Old
+files stay readable: every version in `SCHEMA_VERSIONS` is accepted, and keys
+added later are optional.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)
+STATUSES = ("completed", "failed", "diverged")
+ARCHS = ("vit", "cnn")
+ROLES = ("train", "pretrain")
+METRIC_PREFIXES = ("train/", "val/", "test/", "corrupt/", "occlusion/", "shuffle/", "calib/", "shift/")
+
+# Spec fields that say where or how a run is placed and logged, not what it
+# computes: left out of run_id, and out of the report's description of a sweep.
+PLACEMENT_FIELDS = ("sweep", "data_dir", "weights_file", "wandb", "num_workers")
+
+
+@dataclass(frozen=True)
+class Field:
+    """A top-level scalar key: its type ("int" | "number" | "str" | "bool") and whether every record has it."""
+
+    kind: str
+    required: bool = False
+
+
+# Top-level scalar keys, in column order.
+FIELDS: dict[str, Field] = {
+    "schema_version": Field("int", True),
+    "run_id": Field("str", True),
+    "sweep": Field("str", True),
+    "status": Field("str", True),
+    "error": Field("str"),
+    "model": Field("str", True),
+    "arch": Field("str", True),
+    "dataset": Field("str", True),
+    "train_fraction": Field("number", True),
+    "seed": Field("int", True),
+    "data_seed": Field("int"),
+    "pretraining": Field("str", True),
+    "pretrain_size": Field("int"),
+    "pretrained_from": Field("str"),
+    "profile": Field("str"),
+    "role": Field("str"),
+    "n_train": Field("int"),
+    "n_val": Field("int"),
+    "n_test": Field("int"),
+    "subset_hash": Field("str"),
+    "params": Field("int"),
+    "flops_per_image": Field("number"),
+    "train_steps": Field("int"),
+    "train_images_seen": Field("int"),
+    "train_flops": Field("number"),
+    "train_images_per_s": Field("number"),
+    "train_time_s": Field("number"),
+    "resumed_at_step": Field("int"),
+    "wall_time_s": Field("number"),
+    "git_commit": Field("str"),
+    "hostname": Field("str"),
+    "pid": Field("int"),
+    "started_at": Field("str"),
+    "finished_at": Field("str"),
+}
+
+# Nested objects -> the column prefix their keys get when flattened.
+SECTIONS: dict[str, str] = {
+    "selected": "selected/",  # the validation evaluation that chose the checkpoint
+    "metrics": "",  # metric name -> value, of the selected checkpoint (METRIC_PREFIXES)
+    "architecture": "architecture/",  # the net as built: resolved ViT config or timm kwargs
+    "versions": "versions/",
+    "spec": "spec/",  # every RunSpec field: enough to rerun the run
+}
+
+
+class ResultError(ValueError):
+    """A result record breaks the contract; str() is one line naming the key."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_scalar(name: str, value: Any, kind: str) -> Any:
+    """`value` if it has type `kind` (ints may arrive as 3.0 and are returned as int); else ResultError."""
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "number" and _is_number(value):
+        return value
+    if kind == "int" and _is_number(value) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    raise ResultError(f"{name}={value!r} is not {'an' if kind == 'int' else 'a'} {kind}")
+
+
+def check(record: Any) -> None:
+    """Check one parsed result against the contract.
+
+    Raises:
+        ResultError: naming the first key that is missing or malformed.
+    """
+    if not isinstance(record, Mapping):
+        raise ResultError(f"top level is {type(record).__name__}, not an object")
+    for name, field in FIELDS.items():
+        value = record.get(name)
+        if value is None:
+            if field.required:
+                raise ResultError(f"missing required key {name!r}")
+            continue
+        check_scalar(name, value, field.kind)
+    allowed = {"schema_version": SCHEMA_VERSIONS, "status": STATUSES, "arch": ARCHS, "role": ROLES}
+    for name, values in allowed.items():
+        if record.get(name) is not None and record[name] not in values:
+            raise ResultError(f"{name}={record[name]!r} is not one of {', '.join(map(str, values))}")
+    fraction = record["train_fraction"]
+    if not (math.isfinite(fraction) and 0 < fraction <= 1):
+        raise ResultError(f"train_fraction={fraction!r} is not in (0, 1]")
+    for name in SECTIONS:
+        section = record.get(name)
+        if section is None:
+            continue
+        if not isinstance(section, Mapping):
+            raise ResultError(f"{name} is {type(section).__name__}, not an object")
+        if name == "metrics":
+            for key, value in section.items():
+                if not (value is None or _is_number(value)):
+                    raise ResultError(f"metrics[{key!r}]={value!r} is not a number")
