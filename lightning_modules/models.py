@@ -9,6 +9,7 @@ online, or a local file) and reach our ViT through `VisionTransformer.from_timm`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_modules.catalog import MODELS
+from lightning_modules.vit_config import ViTConfig
 from lightning_modules.vit import VisionTransformer
 
 
@@ -24,8 +26,30 @@ class ModelError(ValueError):
     """A model name or option that the registry does not allow; str() is one line."""
 
 
+def vit_config(name: str, num_classes: int, in_chans: int, img_size: int, drop_path_rate: float = 0.0,
+               overrides: Mapping[str, Any] | None = None) -> ViTConfig:
+    """The registered ViT's config for this task, with a run's architecture overrides.
+
+    Raises:
+        ConfigError: an override that is not a ViTConfig field, or a value it does not allow.
+    """
+    return MODELS[name].vit.replace(img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+                                    drop_path_rate=drop_path_rate, **dict(overrides or {}))
+
+
+def architecture(name: str, num_classes: int, in_chans: int, img_size: int, drop_path_rate: float = 0.0,
+                 overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The net as it will be built, for result.json: the resolved ViTConfig, or timm's name and kwargs."""
+    info = MODELS[name]
+    if info.arch == "vit":
+        return vit_config(name, num_classes, in_chans, img_size, drop_path_rate, overrides).to_dict()
+    return {"timm_name": info.timm_name.split(".")[0], "num_classes": num_classes, "in_chans": in_chans,
+            "drop_path_rate": drop_path_rate, **info.timm_kwargs, **dict(overrides or {})}
+
+
 def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretrained: bool = False,
-                weights_file: str | Path | None = None, **overrides: Any) -> nn.Module:
+                weights_file: str | Path | None = None, drop_path_rate: float = 0.0,
+                overrides: Mapping[str, Any] | None = None) -> nn.Module:
     """Build a registered net.
 
     Args:
@@ -36,7 +60,10 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
         pretrained: load timm's ImageNet weights (the hub, or `weights_file`).
         weights_file: a local timm checkpoint (.safetensors / .pth / .bin) to
             use instead of the hub.
-        **overrides: e.g. `drop_path_rate`, or ViT options (`pos_embed`, `pool`, ...).
+        drop_path_rate: stochastic depth.
+        overrides: a run's architecture overrides: ViTConfig fields for ViTs
+            (`pos_embed`, `pool`, `patch_size`, ...), `timm.create_model`
+            keyword arguments for CNNs.
 
     Returns:
         The net, with `forward_features`, `forward_head`, `num_features`.
@@ -54,15 +81,14 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
         timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_file))
 
     if info.arch == "vit":
-        built_later = ("img_size", "in_chans", "num_classes")
-        config = {**{k: v for k, v in info.vit.to_dict().items() if k not in built_later}, **overrides}
+        config = vit_config(name, num_classes, in_chans, img_size, drop_path_rate, overrides)
         if not pretrained:
-            return VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes, **config)
-        drop_path = config.pop("drop_path_rate", 0.0)
+            return VisionTransformer(**{k: v for k, v in config.to_dict().items()})
         reference = timm.create_model(info.timm_name, pretrained=True, img_size=img_size, **timm_kwargs)
-        return VisionTransformer.from_timm(reference, drop_path_rate=drop_path)
+        return VisionTransformer.from_timm(reference, drop_path_rate=drop_path_rate)
     return timm.create_model(info.timm_name.split(".")[0] if not pretrained else info.timm_name,
-                             pretrained=pretrained, **timm_kwargs, **info.timm_kwargs, **overrides)
+                             pretrained=pretrained, drop_path_rate=drop_path_rate, **timm_kwargs,
+                             **info.timm_kwargs, **dict(overrides or {}))
 
 
 def load_backbone(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
