@@ -305,7 +305,8 @@ class Encoder(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.drop = nn.Dropout(config.drop_rate)
-        drop_path_rates = torch.linspace(0.0, config.drop_path_rate, config.depth).tolist()
+        # Python floats, computed on the CPU so that the model can also be built on the meta device.
+        drop_path_rates = torch.linspace(0.0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(
                 config.embed_dim,
