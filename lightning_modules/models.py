@@ -20,7 +20,7 @@ from torch import nn
 from lightning_modules import vit_timm
 from lightning_modules.catalog import MODELS
 from lightning_modules.vit import VisionTransformer
-from lightning_modules.vit_config import ViTConfig
+from lightning_modules.vit_config import ARCH_FIELDS, ViTConfig
 
 
 class ModelError(ValueError):
@@ -70,7 +70,8 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
         The net, with `forward_features`, `forward_head`, `num_features`.
 
     Raises:
-        ModelError: an unknown name or pretrained weights that do not exist.
+        ModelError: an unknown name, pretrained weights that do not exist, or an
+            override of a pretrained ViT's architecture.
         ConfigError: a ViT override that is not a ViTConfig field, or a value it does not allow.
     """
     if name not in MODELS:
@@ -89,6 +90,10 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
         config = vit_config(name, num_classes, in_chans, img_size, drop_path_rate, overrides)
         if not pretrained:
             return VisionTransformer(config)
+        for field in ARCH_FIELDS:  # the checkpoint fixes the architecture: an override would be ignored
+            if getattr(config, field) != getattr(info.vit, field):
+                raise ModelError(f"invalid {field}={getattr(config, field)!r} with pretrained=True (allowed: "
+                                 f"{getattr(info.vit, field)!r}, the architecture of {info.timm_name})")
         reference = timm.create_model(info.timm_name, pretrained=True, img_size=img_size, **timm_kwargs)
         return vit_timm.from_timm(reference, drop_path_rate=drop_path_rate)
     return timm.create_model(info.timm_name.split(".")[0] if not pretrained else info.timm_name,

@@ -74,6 +74,11 @@ def test_unknown_model_and_missing_weights_are_one_line_errors(tmp_path: Path) -
         build_model("resnet18", 10, 3, 32, pretrained=True, weights_file=tmp_path / "none.pth")
 
 
+def test_a_pretrained_vit_refuses_an_architecture_override_its_weights_cannot_fill(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"pos_embed='none' with pretrained=True.*'learn'"):
+        build_model("vit_ti16", 10, 3, 224, pretrained=True, overrides={"pos_embed": "none"})
+
+
 def test_imagenet_weights_from_a_local_file_reach_our_vit(tmp_path: Path) -> None:
     """Pretrained loading goes through timm (a local file here, the hub online) and from_timm."""
     torch.manual_seed(0)
