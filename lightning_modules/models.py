@@ -4,7 +4,7 @@ Every net built here exposes timm's interface: `forward_features(x)`,
 `forward_head(x, pre_logits=False)`, `num_features`, `reset_classifier(n)`.
 ViTs are our transparent `VisionTransformer`; CNNs come from
 `timm.create_model` unchanged. ImageNet weights come from timm (the hub when
-online, or a local file) and reach our ViT through `VisionTransformer.from_timm`.
+online, or a local file) and reach our ViT through `vit_timm.from_timm`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import timm
 import torch
 from torch import nn
 
+from lightning_modules import vit_timm
 from lightning_modules.catalog import MODELS
-from lightning_modules.vit_config import ViTConfig
 from lightning_modules.vit import VisionTransformer
+from lightning_modules.vit_config import ARCH_FIELDS, ViTConfig
 
 
 class ModelError(ValueError):
@@ -67,6 +68,11 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
 
     Returns:
         The net, with `forward_features`, `forward_head`, `num_features`.
+
+    Raises:
+        ModelError: an unknown name, pretrained weights that do not exist, or an
+            override of a pretrained ViT's architecture.
+        ConfigError: a ViT override that is not a ViTConfig field, or a value it does not allow.
     """
     if name not in MODELS:
         raise ModelError(f"invalid model={name!r} (allowed: {' | '.join(MODELS)})")
@@ -83,9 +89,13 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
     if info.arch == "vit":
         config = vit_config(name, num_classes, in_chans, img_size, drop_path_rate, overrides)
         if not pretrained:
-            return VisionTransformer(**{k: v for k, v in config.to_dict().items()})
+            return VisionTransformer(config)
+        for field in ARCH_FIELDS:  # the checkpoint fixes the architecture: an override would be ignored
+            if getattr(config, field) != getattr(info.vit, field):
+                raise ModelError(f"invalid {field}={getattr(config, field)!r} with pretrained=True (allowed: "
+                                 f"{getattr(info.vit, field)!r}, the architecture of {info.timm_name})")
         reference = timm.create_model(info.timm_name, pretrained=True, img_size=img_size, **timm_kwargs)
-        return VisionTransformer.from_timm(reference, drop_path_rate=drop_path_rate)
+        return vit_timm.from_timm(reference, drop_path_rate=drop_path_rate)
     return timm.create_model(info.timm_name.split(".")[0] if not pretrained else info.timm_name,
                              pretrained=pretrained, drop_path_rate=drop_path_rate, **timm_kwargs,
                              **info.timm_kwargs, **dict(overrides or {}))

@@ -8,10 +8,10 @@
 6. `ClassifierHead`: a linear classifier on the class token's output.
 
 `VisionTransformer.forward_features` runs steps 1-5 in that order and
-`forward_head` is step 6. The weights are interchangeable with timm's
-`VisionTransformer` (`VisionTransformer.from_timm`, `load_timm_state_dict`):
-the same weights give the same logits, which is how ImageNet weights reach
-this model and how it is tested.
+`forward_head` is step 6. `VisionTransformer.forward_intermediates` returns
+what each step produced, attention weights included, from one forward pass.
+This file holds the model only; `lightning_modules.vit_timm` copies timm's
+weights into it (the same weights give the same logits).
 
 Shapes: B batch, C channels, H x W image, P patch size, N = HW/P² patches,
 D embedding dim, T = N + 1 tokens (N without a class token), h heads.
@@ -19,20 +19,15 @@ D embedding dim, T = N + 1 tokens (N without a class token), h heads.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-if TYPE_CHECKING:
-    import timm.models.vision_transformer
+from lightning_modules.vit_config import PoolKind, PosEmbedKind, ViTConfig
 
-PosEmbedKind = Literal["learn", "sincos2d", "none"]
-PoolKind = Literal["token", "avg"]
-POS_EMBED_KINDS = ("learn", "sincos2d", "none")
-POOLS = ("token", "avg")
 LAYER_NORM_EPS = 1e-6  # as in big_vision and timm
 
 
@@ -67,26 +62,6 @@ class Patchify(nn.Module):
         x = images.reshape(B, C, H // P, P, W // P, P)  # (B, C, H/P, P, W/P, P)
         x = x.permute(0, 2, 4, 1, 3, 5)  # (B, H/P, W/P, C, P, P)
         return x.reshape(B, (H // P) * (W // P), C * P * P)  # (B, N, C*P*P)
-
-
-def unpatchify(patches: Tensor, patch_size: int, image_size: tuple[int, int]) -> Tensor:
-    """The inverse of `Patchify`: reassemble patch vectors into images.
-
-    Args:
-        patches: (B, N, C*P*P), as `Patchify` returns them.
-        patch_size: P.
-        image_size: (H, W) of the original images.
-
-    Returns:
-        (B, C, H, W) images.
-    """
-    H, W = image_size
-    P = patch_size
-    B, _, patch_dim = patches.shape
-    C = patch_dim // (P * P)
-    x = patches.reshape(B, H // P, W // P, C, P, P)  # (B, H/P, W/P, C, P, P)
-    x = x.permute(0, 3, 1, 4, 2, 5)  # (B, C, H/P, P, W/P, P)
-    return x.reshape(B, C, H, W)  # (B, C, H, W)
 
 
 # Step 2: patches -> tokens --------------------------------------------------
@@ -233,11 +208,19 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention, computed by `F.scaled_dot_product_attention`.
+    """Multi-head self-attention.
 
-    With `return_attention=True` the softmax weights are computed explicitly
-    and returned too (for attention rollout and attention distance); the output
-    is the same.
+    Two paths give the same output (up to float rounding):
+    - `fused=True` (the default, used for training): one call to
+      `F.scaled_dot_product_attention`, which never materialises the weights.
+    - `fused=False`: the softmax weights softmax(q kᵀ / √(D/h)) are computed
+      explicitly by the `softmax` module, so that a forward hook on it sees
+      them (`VisionTransformer.forward_intermediates` does this).
+
+    Attributes:
+        fused: which path `forward` takes.
+        softmax: the explicit path's softmax over the keys; its output is the
+            (B, h, T, T) attention weights, each row summing to 1.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool, attn_drop: float, proj_drop: float) -> None:
@@ -245,34 +228,27 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
+        self.fused = True
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.softmax = nn.Softmax(dim=-1)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Attends over the tokens.
-
-        Args:
-            x: (B, T, D) tokens.
-            return_attention: also return the attention weights.
-
-        Returns:
-            (B, T, D) outputs; with `return_attention`, also the (B, h, T, T)
-            softmax weights, each row summing to 1 (before attention dropout).
-        """
+    def forward(self, x: Tensor) -> Tensor:
+        """Attends over the tokens: (B, T, D) -> (B, T, D)."""
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, h, D/h)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, T, D/h)
-        if return_attention:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T)
-            out = self.attn_drop(attn) @ v  # (B, h, T, D/h)
-        else:
+        if self.fused:
             dropout_p = self.attn_drop.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, h, T, D/h)
+        else:
+            scores = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, T, T)
+            weights = self.softmax(scores)  # (B, h, T, T), rows sum to 1
+            out = self.attn_drop(weights) @ v  # (B, h, T, D/h)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        out = self.proj_drop(self.proj(out))  # (B, T, D)
-        return (out, attn) if return_attention else out
+        return self.proj_drop(self.proj(out))  # (B, T, D)
 
 
 class Mlp(nn.Module):
@@ -312,67 +288,46 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """(B, T, D) -> (B, T, D); with `return_attention`, also (B, h, T, T) weights."""
-        if return_attention:
-            attended, attn = self.attn(self.norm1(x), return_attention=True)  # (B, T, D), (B, h, T, T)
-        else:
-            attended = self.attn(self.norm1(x))  # (B, T, D)
-        x = x + self.drop_path(attended)  # (B, T, D)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))  # (B, T, D)
-        return (x, attn) if return_attention else x
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, T, D)."""
+        x = x + self.drop_path(self.attn(self.norm1(x)))  # (B, T, D), Eq. 2
+        return x + self.drop_path(self.mlp(self.norm2(x)))  # (B, T, D), Eq. 3
 
 
 class Encoder(nn.Module):
     """Step 5: dropout on the embedded tokens, `depth` pre-norm blocks, a final LayerNorm.
 
     Stochastic depth grows linearly with depth, from 0 at the first block to
-    `drop_path_rate` at the last. `final_norm=False` leaves the LayerNorm to
-    the head (pooling "avg", see `ClassifierHead`).
+    `drop_path_rate` at the last. With pool="avg" there is no final LayerNorm:
+    the head normalises after pooling (see `ClassifierHead`).
     """
 
-    def __init__(
-        self,
-        embed_dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        drop_rate: float,
-        attn_drop_rate: float,
-        drop_path_rate: float,
-        final_norm: bool,
-    ) -> None:
+    def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        self.drop = nn.Dropout(drop_rate)
-        drop_path_rates = torch.linspace(0.0, drop_path_rate, depth).tolist()
+        self.drop = nn.Dropout(config.drop_rate)
+        # Python floats, computed on the CPU so that the model can also be built on the meta device.
+        drop_path_rates = torch.linspace(0.0, config.drop_path_rate, config.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rate)
-            for rate in drop_path_rates
+            Block(
+                config.embed_dim,
+                config.num_heads,
+                config.mlp_ratio,
+                config.qkv_bias,
+                config.drop_rate,
+                config.attn_drop_rate,
+                drop_path,
+            )
+            for drop_path in drop_path_rates
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS) if final_norm else nn.Identity()
+        final_norm = config.pool == "token"
+        self.norm = nn.LayerNorm(config.embed_dim, eps=LAYER_NORM_EPS) if final_norm else nn.Identity()
 
-    def forward(self, tokens: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """Runs the blocks.
-
-        Args:
-            tokens: (B, T, D) embedded tokens.
-            return_attention: also return each block's attention weights.
-
-        Returns:
-            (B, T, D) encoded tokens; with `return_attention`, also a list of
-            `depth` (B, h, T, T) attention weights, first block first.
-        """
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Encodes (B, T, D) embedded tokens to (B, T, D) outputs."""
         x = self.drop(tokens)  # (B, T, D)
-        attention_maps = []
         for block in self.blocks:
-            if return_attention:
-                x, attn = block(x, return_attention=True)  # (B, T, D), (B, h, T, T)
-                attention_maps.append(attn)
-            else:
-                x = block(x)  # (B, T, D)
-        x = self.norm(x)  # (B, T, D)
-        return (x, attention_maps) if return_attention else x
+            x = block(x)  # (B, T, D)
+        return self.norm(x)  # (B, T, D)
 
 
 # Step 6: classification head ------------------------------------------------
@@ -427,90 +382,37 @@ class VisionTransformer(nn.Module):
     `forward(x) = forward_head(forward_features(x))`. Weight init follows timm:
     trunc-normal(std .02) for the encoder's and head's linear layers with zero
     biases, trunc-normal(.02) for a learned position embedding, normal(1e-6)
-    for the class token, PyTorch's default for the patch projection.
+    for the class token, PyTorch's default for the patch projection. Dropout
+    (`drop_rate`) acts after the position embedding and after every dense
+    layer in the blocks except qkv (the paper's placement; timm's
+    `pos_drop_rate` and `proj_drop_rate`), not before the head.
 
     Args:
-        img_size: side of the (square) input image, divisible by `patch_size`.
-        patch_size: P.
-        in_chans: C.
-        num_classes: classes of the head; 0 for no head (`forward` returns (B, D)).
-        embed_dim: D, divisible by `num_heads` (and by 4 for "sincos2d").
-        depth: number of Transformer blocks.
-        num_heads: attention heads.
-        mlp_ratio: MLP hidden width / D.
-        qkv_bias: a bias in the query/key/value projection.
-        drop_rate: dropout after the position embedding and after every dense
-            layer in the blocks except qkv (the paper's placement; timm's
-            `pos_drop_rate` and `proj_drop_rate`). No dropout before the head.
-        attn_drop_rate: dropout on the attention weights.
-        drop_path_rate: stochastic depth of the last block (0 at the first).
-        pos_embed: "learn", "sincos2d" or "none" (see `PositionEmbedding`).
-        pool: "token" or "avg" (see `ClassifierHead`).
-        class_token: prepend a class token; required by pool="token", optional
-            with pool="avg" (timm's default keeps it, unused by the head).
-        zero_head: initialise the classifier to zero (big_vision), not trunc-normal.
+        config: the architecture and regularisation; `ViTConfig` validates
+            itself, so a bad value fails before anything is built.
 
-    Raises:
-        ValueError: an invalid combination, named by field, value and what is allowed.
+    Attributes:
+        config: what the model was built from (`num_classes` follows
+            `reset_classifier`).
+        num_classes, num_features, embed_dim: timm's interface (num_features = embed_dim = D).
+        grid_size: (H/P, W/P), the patch grid.
+        num_prefix_tokens: 1 with a class token, else 0.
     """
 
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        pos_embed: PosEmbedKind = "learn",
-        pool: PoolKind = "token",
-        class_token: bool = True,
-        zero_head: bool = False,
-    ) -> None:
+    def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        _check_config(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            pos_embed=pos_embed,
-            pool=pool,
-            class_token=class_token,
-        )
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.in_chans = in_chans
-        self.num_classes = num_classes
-        self.num_features = self.embed_dim = embed_dim
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
-        self.num_prefix_tokens = 1 if class_token else 0
-        self.zero_head = zero_head
+        self.config = config
+        self.num_features = self.embed_dim = config.embed_dim
+        self.grid_size = (config.img_size // config.patch_size, config.img_size // config.patch_size)
+        self.num_prefix_tokens = 1 if config.class_token else 0
 
-        self.patchify = Patchify(patch_size)
-        self.patch_proj = PatchProjection(in_chans * patch_size * patch_size, embed_dim)
-        self.pos_embed = PositionEmbedding(pos_embed, self.grid_size, embed_dim, self.num_prefix_tokens)
-        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim)) if class_token else None
-        self.encoder = Encoder(
-            embed_dim,
-            depth,
-            num_heads,
-            mlp_ratio,
-            qkv_bias,
-            drop_rate,
-            attn_drop_rate,
-            drop_path_rate,
-            final_norm=pool == "token",
-        )
-        self.head = ClassifierHead(embed_dim, num_classes, pool, self.num_prefix_tokens)
+        patch_dim = config.in_chans * config.patch_size * config.patch_size
+        self.patchify = Patchify(config.patch_size)
+        self.patch_proj = PatchProjection(patch_dim, config.embed_dim)
+        self.pos_embed = PositionEmbedding(config.pos_embed, self.grid_size, config.embed_dim, self.num_prefix_tokens)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, config.embed_dim)) if config.class_token else None
+        self.encoder = Encoder(config)
+        self.head = ClassifierHead(config.embed_dim, config.num_classes, config.pool, self.num_prefix_tokens)
 
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
@@ -518,7 +420,12 @@ class VisionTransformer(nn.Module):
             if isinstance(module, nn.Linear):
                 _init_linear(module, zero=False)
         if isinstance(self.head.fc, nn.Linear):
-            _init_linear(self.head.fc, zero=zero_head)
+            _init_linear(self.head.fc, zero=config.zero_head)
+
+    @property
+    def num_classes(self) -> int:
+        """Outputs of the classifier; 0 without one."""
+        return self.config.num_classes
 
     def forward_features(self, images: Tensor) -> Tensor:
         """Steps 1-5: images -> encoded tokens.
@@ -545,22 +452,76 @@ class VisionTransformer(nn.Module):
         """(B, C, H, W) images -> (B, num_classes) logits."""
         return self.forward_head(self.forward_features(images))
 
-    def attention_maps(self, images: Tensor) -> list[Tensor]:
-        """Each block's softmax attention weights, for rollout and attention distance.
+    def forward_intermediates(self, images: Tensor) -> dict[str, Tensor]:
+        """One forward pass that also returns what each step produced.
+
+        Forward hooks record the tensors as `forward` computes them, with every
+        `Attention` on its explicit path so that its weights exist; the hooks
+        are removed and each `Attention.fused` restored afterwards, also when
+        the forward raises. Nothing is detached: gradients flow to and through
+        every entry (attention rollout, Grad-CAM); call under `torch.no_grad()`
+        when only the values are wanted. (timm's method of the same name
+        returns a list of block outputs instead.)
 
         Args:
             images: (B, C, H, W).
 
         Returns:
-            `depth` tensors (B, h, T, T), first block first; row i is how token i
-            (0 = the class token, if any) attends to every token. Differentiable;
-            call under `torch.no_grad()` when only the values are wanted.
+            In the order computed:
+            "patches": (B, N, P*P*C), step 1.
+            "patch_tokens": (B, N, D), step 2 (before the position embedding).
+            "tokens": (B, T, D), the encoder's input z_0 after steps 3-4 (Eq. 1).
+            "blocks.{i}": (B, T, D), the output of block i, for i < depth.
+            "attention.{i}": (B, h, T, T), block i's softmax attention weights
+                (before attention dropout); row t is how token t (0 = the class
+                token, if any) attends to every token, and sums to 1.
+            "features": (B, T, D), `forward_features`' output.
+            "pre_logits": (B, D), the pooled vector the classifier reads.
+            "logits": (B, num_classes), `forward`'s output.
         """
-        patch_tokens = self.pos_embed(self.patch_proj(self.patchify(images)))  # 1-3. (B, N, D)
-        cls_pos = self.pos_embed.class_token_row()  # (1, 1, D) or None
-        tokens = prepend_class_token(patch_tokens, self.cls_token, cls_pos)  # 4. (B, T, D)
-        _, attention = self.encoder(tokens, return_attention=True)
-        return attention
+        outputs_of: dict[str, nn.Module] = {"patches": self.patchify, "patch_tokens": self.patch_proj}
+        for i, block in enumerate(self.encoder.blocks):
+            outputs_of[f"blocks.{i}"] = block
+            outputs_of[f"attention.{i}"] = block.attn.softmax
+        outputs_of["features"] = self.encoder
+        inputs_of: dict[str, nn.Module] = {"tokens": self.encoder, "pre_logits": self.head.fc}
+
+        recorded: dict[str, Tensor] = {}
+
+        def record_output(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+            def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+                recorded[name] = output
+
+            return hook
+
+        def record_input(name: str) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+            def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+                recorded[name] = args[0]
+
+            return hook
+
+        handles: list[RemovableHandle] = []
+        attentions = [block.attn for block in self.encoder.blocks]
+        was_fused = [attention.fused for attention in attentions]
+        try:
+            handles += [module.register_forward_hook(record_output(name)) for name, module in outputs_of.items()]
+            handles += [module.register_forward_pre_hook(record_input(name)) for name, module in inputs_of.items()]
+            for attention in attentions:
+                attention.fused = False
+            logits = self(images)  # (B, num_classes)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for attention, fused in zip(attentions, was_fused):
+                attention.fused = fused
+        order = ["patches", "patch_tokens", "tokens", *outputs_of.keys() - {"patches", "patch_tokens", "features"}]
+        return {**recorded, "logits": logits}
+
+    def attention_maps(self, images: Tensor) -> list[Tensor]:
+        """Each block's (B, h, T, T) softmax attention weights, first block first
+        (`forward_intermediates`' "attention.{i}"; differentiable)."""
+        intermediates = self.forward_intermediates(images)
+        return [intermediates[f"attention.{i}"] for i in range(len(self.encoder.blocks))]
 
     def get_classifier(self) -> nn.Module:
         """The final linear layer (timm's interface)."""
@@ -568,10 +529,10 @@ class VisionTransformer(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replaces the classifier with a fresh one for `num_classes` (0: no classifier)."""
-        self.num_classes = num_classes
+        self.config = self.config.replace(num_classes=num_classes)
         self.head.fc = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if isinstance(self.head.fc, nn.Linear):
-            _init_linear(self.head.fc, zero=self.zero_head)
+            _init_linear(self.head.fc, zero=self.config.zero_head)
         self.head.fc.to(self.patch_proj.proj.weight.device, self.patch_proj.proj.weight.dtype)
 
     def no_weight_decay(self) -> set[str]:
@@ -579,93 +540,6 @@ class VisionTransformer(nn.Module):
         `no_weight_decay`), as full parameter names; biases and norms are 1-D."""
         names = {name for name, _ in self.named_parameters()}
         return {"pos_embed.weight", "cls_token"} & names
-
-    # timm interoperability --------------------------------------------------
-
-    @classmethod
-    def from_timm(
-        cls,
-        model: timm.models.vision_transformer.VisionTransformer,
-        *,
-        img_size: int | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-    ) -> VisionTransformer:
-        """Builds our ViT with `model`'s architecture and a copy of its weights.
-
-        Supported timm configurations: a plain ViT (`Block`, `Attention`, `Mlp`
-        with exact GELU, LayerNorm eps 1e-6, square images and patches) with a
-        class token or none, a learned position embedding or none, the class
-        token counted in the position embedding (`no_embed_class=False`), and
-        `global_pool='token'` (final norm) or `'avg'` (its default `fc_norm`).
-        Others (register tokens, `no_embed_class`, `pre_norm`, layer scale,
-        qk-norm, other pools or norm placements) raise ValueError.
-
-        Dropout, drop path and patch dropout are training choices, not weights:
-        they are not read from `model`; pass the rates wanted.
-
-        Args:
-            model: a timm `VisionTransformer`.
-            img_size: build for another image size (the position embedding is
-                resampled bicubically); default: `model`'s.
-            drop_rate: see `VisionTransformer`.
-            attn_drop_rate: see `VisionTransformer`.
-            drop_path_rate: see `VisionTransformer`.
-
-        Returns:
-            A float32 model on the CPU, in training mode.
-        """
-        config = timm_config(model)
-        if img_size is not None:
-            config["img_size"] = img_size
-        rates = dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate)
-        ours = cls(**config, **rates)
-        ours.load_timm_state_dict(model.state_dict())
-        return ours
-
-    def load_timm_state_dict(self, state_dict: Mapping[str, Tensor]) -> None:
-        """Loads a timm ViT state dict, e.g. a pretrained checkpoint file.
-
-        Keys are renamed (`_timm_key`), the patch embedding's conv weight
-        (D, C, P, P) becomes the linear weight (D, C*P*P), and the position
-        embedding is resampled (`timm.layers.resample_abs_pos_embed`, bicubic)
-        when the checkpoint's patch grid differs from this model's. To fine-tune
-        with another number of classes, build with the checkpoint's
-        `num_classes`, load, then `reset_classifier`.
-
-        Args:
-            state_dict: timm `VisionTransformer` parameter names -> tensors.
-
-        Raises:
-            ValueError: a key this model lacks, a key missing, or a shape that differs.
-        """
-        from timm.layers import resample_abs_pos_embed
-
-        num_positions = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
-        converted = {}
-        for key, value in state_dict.items():
-            if key == "patch_embed.proj.weight":
-                value = value.reshape(value.shape[0], -1)  # (D, C, P, P) -> (D, C*P*P)
-            elif key == "pos_embed" and value.shape[1] != num_positions:
-                num_prefix_tokens = 1 if "cls_token" in state_dict else 0
-                value = resample_abs_pos_embed(  # (1, prefix + N_ckpt, D) -> (1, prefix + N, D)
-                    value, new_size=list(self.grid_size), num_prefix_tokens=num_prefix_tokens
-                )
-            converted[_timm_key(key)] = value
-        own = self.state_dict()
-        unexpected = sorted(converted.keys() - own.keys())
-        missing = sorted(own.keys() - converted.keys())
-        if unexpected or missing:
-            raise ValueError(f"state_dict does not fit: unexpected keys {unexpected}, missing keys {missing}")
-        wrong_shapes = [
-            f"{key} {tuple(value.shape)} != {tuple(own[key].shape)}"
-            for key, value in converted.items()
-            if value.shape != own[key].shape
-        ]
-        if wrong_shapes:
-            raise ValueError(f"state_dict shapes do not fit this model: {', '.join(wrong_shapes)}")
-        self.load_state_dict(converted)
 
 
 def _init_linear(linear: nn.Linear, zero: bool) -> None:
@@ -676,135 +550,3 @@ def _init_linear(linear: nn.Linear, zero: bool) -> None:
         nn.init.trunc_normal_(linear.weight, std=0.02)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
-
-
-def _check_config(
-    *,
-    img_size: int,
-    patch_size: int,
-    embed_dim: int,
-    num_heads: int,
-    drop_rate: float,
-    attn_drop_rate: float,
-    drop_path_rate: float,
-    pos_embed: str,
-    pool: str,
-    class_token: bool,
-) -> None:
-    """Raises ValueError, naming the field, its value and what is allowed, for a bad config."""
-    if pos_embed not in POS_EMBED_KINDS:
-        raise ValueError(f"pos_embed={pos_embed!r} is not one of {POS_EMBED_KINDS}")
-    if pool not in POOLS:
-        raise ValueError(f"pool={pool!r} is not one of {POOLS}")
-    if pool == "token" and not class_token:
-        raise ValueError("class_token=False needs pool='avg'; pool='token' reads the class token")
-    if patch_size < 1 or img_size % patch_size:
-        raise ValueError(f"img_size={img_size} must be divisible by patch_size={patch_size}")
-    if num_heads < 1 or embed_dim % num_heads:
-        raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
-    if pos_embed == "sincos2d" and embed_dim % 4:
-        raise ValueError(f"embed_dim={embed_dim} must be divisible by 4 for pos_embed='sincos2d'")
-    rates = {"drop_rate": drop_rate, "attn_drop_rate": attn_drop_rate, "drop_path_rate": drop_path_rate}
-    for name, rate in rates.items():
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"{name}={rate} must be in [0, 1)")
-
-
-_TIMM_KEY_PREFIXES = (  # timm name prefix -> ours
-    ("patch_embed.proj.", "patch_proj.proj."),
-    ("pos_embed", "pos_embed.weight"),
-    ("blocks.", "encoder.blocks."),
-    ("norm.", "encoder.norm."),
-    ("fc_norm.", "head.norm."),
-    ("head.", "head.fc."),
-)
-
-
-def _timm_key(key: str) -> str:
-    """Our parameter name for a timm ViT parameter name (cls_token is shared)."""
-    for timm_prefix, our_prefix in _TIMM_KEY_PREFIXES:
-        if key.startswith(timm_prefix):
-            return our_prefix + key[len(timm_prefix) :]
-    return key
-
-
-def timm_config(model: timm.models.vision_transformer.VisionTransformer) -> dict[str, Any]:
-    """Our constructor arguments for a timm ViT's architecture.
-
-    Args:
-        model: a timm `VisionTransformer`.
-
-    Returns:
-        img_size, patch_size, in_chans, num_classes, embed_dim, depth,
-        num_heads, mlp_ratio, qkv_bias, pos_embed, pool, class_token.
-
-    Raises:
-        ValueError: a configuration `VisionTransformer.from_timm` does not support.
-    """
-    from timm.layers import Mlp as TimmMlp
-    from timm.layers import PatchEmbed
-    from timm.layers.activations import GELU as TimmGELU
-    from timm.models.vision_transformer import Attention as TimmAttention
-    from timm.models.vision_transformer import Block as TimmBlock
-    from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
-
-    def require(ok: bool, what: str) -> None:
-        if not ok:
-            raise ValueError(f"unsupported timm ViT: {what}")
-
-    require(isinstance(model, TimmVisionTransformer), f"{type(model).__name__}, allowed VisionTransformer")
-    patch_embed = model.patch_embed
-    require(type(patch_embed) is PatchEmbed, f"patch embedding {type(patch_embed).__name__}, not PatchEmbed")
-    (img_h, img_w), (patch_h, patch_w) = patch_embed.img_size, patch_embed.patch_size
-    require(img_h == img_w, f"img_size={patch_embed.img_size}, only square images")
-    require(patch_h == patch_w, f"patch_size={patch_embed.patch_size}, only square patches")
-    require(patch_embed.proj.bias is not None, "pre_norm=True (patch embedding without bias)")
-    require(isinstance(patch_embed.norm, nn.Identity), "embed_norm_layer is set")
-    require(model.reg_token is None, f"reg_tokens={model.num_reg_tokens}, allowed 0")
-    require(model.pos_embed is None or not model.no_embed_class, "no_embed_class=True, allowed False")
-    require(isinstance(model.norm_pre, nn.Identity), "pre_norm=True, allowed False")
-    pool = model.global_pool
-    require(pool in POOLS and model.attn_pool is None, f"global_pool={pool!r}, allowed {POOLS}")
-    require(not model.pool_include_prefix, "pool_include_prefix=True, allowed False")
-    norm_after_pool = pool == "avg"
-    require(
-        isinstance(model.norm, nn.LayerNorm) != norm_after_pool
-        and isinstance(model.fc_norm, nn.LayerNorm) == norm_after_pool,
-        f"final_norm/fc_norm with global_pool={pool!r}: allowed norm for 'token', fc_norm for 'avg'",
-    )
-    for name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm):
-            require(module.eps == LAYER_NORM_EPS, f"{name} eps={module.eps}, allowed {LAYER_NORM_EPS}")
-            require(module.weight is not None and module.bias is not None, f"{name} without weight or bias")
-    qkv_bias = model.blocks[0].attn.qkv.bias is not None
-    for i, block in enumerate(model.blocks):
-        attn, mlp = block.attn, block.mlp
-        exact_gelu = type(mlp.act) is TimmGELU or (type(mlp.act) is nn.GELU and mlp.act.approximate == "none")
-        require(type(block) is TimmBlock, f"blocks.{i} is {type(block).__name__}, allowed Block")
-        require(isinstance(block.ls1, nn.Identity), "init_values (layer scale), allowed None")
-        require(isinstance(block.norm1, nn.LayerNorm) and isinstance(block.norm2, nn.LayerNorm), "norm_layer")
-        require(type(attn) is TimmAttention, f"blocks.{i}.attn is {type(attn).__name__}, allowed Attention")
-        require(attn.attn_dim == model.embed_dim, f"attn_head_dim={attn.head_dim}, allowed D/num_heads")
-        require(isinstance(attn.q_norm, nn.Identity), "qk_norm=True, allowed False")
-        require(isinstance(attn.norm, nn.Identity), "scale_attn_norm=True, allowed False")
-        require(getattr(attn, "gate", None) is None, "gated attention")
-        require((attn.qkv.bias is not None) == qkv_bias, "qkv_bias differs between blocks")
-        require(type(mlp) is TimmMlp and exact_gelu, f"blocks.{i}.mlp is not Mlp with exact GELU")
-        require(isinstance(mlp.norm, nn.Identity), "scale_mlp_norm=True, allowed False")
-        require(attn.proj.bias is not None and mlp.fc1.bias is not None, "proj_bias=False, allowed True")
-    require(isinstance(model.head, nn.Linear | nn.Identity), f"head is {type(model.head).__name__}")
-    first = model.blocks[0]
-    return dict(
-        img_size=img_h,
-        patch_size=patch_h,
-        in_chans=patch_embed.proj.in_channels,
-        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
-        embed_dim=model.embed_dim,
-        depth=len(model.blocks),
-        num_heads=first.attn.num_heads,
-        mlp_ratio=first.mlp.fc1.out_features / model.embed_dim,
-        qkv_bias=qkv_bias,
-        pos_embed="none" if model.pos_embed is None else "learn",
-        pool=pool,
-        class_token=model.cls_token is not None,
-    )

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
-POS_EMBED_KINDS = ("learn", "sincos2d", "none")
-POOLS = ("token", "avg")
+PosEmbedKind = Literal["learn", "sincos2d", "none"]
+PoolKind = Literal["token", "avg"]
+POS_EMBED_KINDS: tuple[str, ...] = get_args(PosEmbedKind)
+POOLS: tuple[str, ...] = get_args(PoolKind)
 # The fields a run spec may override: the choices the ViT paper's ablations vary.
 ARCH_FIELDS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "pos_embed", "pool", "class_token")
 
@@ -64,8 +66,8 @@ class ViTConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    pos_embed: str = "learn"
-    pool: str = "token"
+    pos_embed: PosEmbedKind = "learn"
+    pool: PoolKind = "token"
     class_token: bool = True
     zero_head: bool = False
 
@@ -81,6 +83,7 @@ class ViTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (for result.json)."""
         return dataclasses.asdict(self)
 
     @property

@@ -1,4 +1,5 @@
-"""Behaviour of the transparent ViT: it equals timm's, and each step does what the paper says."""
+"""Behaviour of the transparent ViT: it equals timm's, each step does what the paper says,
+and `forward_intermediates` shows what each step produced."""
 
 from __future__ import annotations
 
@@ -11,22 +12,20 @@ import torch
 from timm.models import vision_transformer as timm_vit
 from torch import nn
 
-from lightning_modules.vit import (
-    Attention,
-    PatchProjection,
-    Patchify,
-    VisionTransformer,
-    unpatchify,
-)
+from lightning_modules.vit import Attention, PatchProjection, Patchify, VisionTransformer
+from lightning_modules.vit_config import ConfigError, ViTConfig
+from lightning_modules.vit_timm import from_timm, load_timm_state_dict, timm_config
 
 torch.set_num_threads(1)
 
-TINY = dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=48, depth=2, num_heads=3)
+# Arguments that timm's VisionTransformer and our ViTConfig name alike.
+TINY_ARCH = dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=48, depth=2, num_heads=3)
+TINY = ViTConfig(**TINY_ARCH)
 
 
-def tiny_vit(**overrides) -> VisionTransformer:
+def tiny_vit(**changes) -> VisionTransformer:
     torch.manual_seed(0)
-    return VisionTransformer(**{**TINY, **overrides})
+    return VisionTransformer(TINY.replace(**changes))
 
 
 def images(batch: int = 2, chans: int = 3, size: int = 32) -> torch.Tensor:
@@ -37,11 +36,22 @@ def random_timm_vit(**kwargs) -> timm_vit.VisionTransformer:
     """A timm ViT whose every weight is random (not only the ones timm inits randomly),
     so that a wrongly mapped LayerNorm, bias or token shows in the outputs."""
     torch.manual_seed(0)
-    model = timm_vit.VisionTransformer(**{**TINY, **kwargs}).eval()
+    model = timm_vit.VisionTransformer(**{**TINY_ARCH, **kwargs}).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))
     return model
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """The inverse of `Patchify`: (B, N, C*P*P) patch vectors -> (B, C, H, W) images."""
+    H, W = image_size
+    P = patch_size
+    B, _, patch_dim = patches.shape
+    C = patch_dim // (P * P)
+    x = patches.reshape(B, H // P, W // P, C, P, P)  # (B, H/P, W/P, C, P, P)
+    x = x.permute(0, 3, 1, 4, 2, 5)  # (B, C, H/P, P, W/P, P)
+    return x.reshape(B, C, H, W)  # (B, C, H, W)
 
 
 # timm equivalence --------------------------------------------------------------
@@ -61,7 +71,7 @@ def random_timm_vit(**kwargs) -> timm_vit.VisionTransformer:
 )
 def test_from_timm_gives_timms_features_and_logits(kwargs):
     reference = random_timm_vit(**kwargs)
-    ours = VisionTransformer.from_timm(reference).eval()
+    ours = from_timm(reference).eval()
     x = images(chans=reference.patch_embed.proj.in_channels, size=reference.patch_embed.img_size[0])
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(x), reference.forward_features(x), atol=1e-5, rtol=1e-4)
@@ -79,7 +89,7 @@ def test_a_saved_timm_state_dict_loads_into_a_model_built_alike(tmp_path):
     reference = random_timm_vit(global_pool="avg")
     torch.save(reference.state_dict(), tmp_path / "vit.pth")
     ours = tiny_vit(pool="avg").eval()
-    ours.load_timm_state_dict(torch.load(tmp_path / "vit.pth", weights_only=True))
+    load_timm_state_dict(ours, torch.load(tmp_path / "vit.pth", weights_only=True))
     x = images()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), atol=1e-5, rtol=0)
@@ -88,9 +98,9 @@ def test_a_saved_timm_state_dict_loads_into_a_model_built_alike(tmp_path):
 def test_a_state_dict_that_does_not_fit_is_refused_by_name():
     reference = random_timm_vit(global_pool="token")
     with pytest.raises(ValueError, match="head.fc.weight"):
-        tiny_vit(num_classes=5).load_timm_state_dict(reference.state_dict())
+        load_timm_state_dict(tiny_vit(num_classes=5), reference.state_dict())
     with pytest.raises(ValueError, match="pos_embed.weight"):  # sincos2d has no learned table to load into
-        tiny_vit(pos_embed="sincos2d").load_timm_state_dict(reference.state_dict())
+        load_timm_state_dict(tiny_vit(pos_embed="sincos2d"), reference.state_dict())
 
 
 @pytest.mark.parametrize(
@@ -108,17 +118,29 @@ def test_a_state_dict_that_does_not_fit_is_refused_by_name():
 )
 def test_from_timm_refuses_configurations_it_cannot_reproduce(kwargs, named):
     with pytest.raises(ValueError, match=named):
-        VisionTransformer.from_timm(timm_vit.VisionTransformer(**{**TINY, **kwargs}))
+        from_timm(timm_vit.VisionTransformer(**{**TINY_ARCH, **kwargs}))
 
 
 def test_from_timm_at_another_image_size_resamples_the_position_embedding():
     reference = random_timm_vit()
-    ours = VisionTransformer.from_timm(reference, img_size=64)
-    assert ours.pos_embed.weight.shape == (1, 1 + 8 * 8, TINY["embed_dim"])
+    ours = from_timm(reference, img_size=64)
+    assert ours.pos_embed.weight.shape == (1, 1 + 8 * 8, TINY.embed_dim)
     torch.testing.assert_close(ours.pos_embed.weight[:, 0], reference.pos_embed[:, 0])  # class row kept
-    assert ours(images(size=64)).shape == (2, TINY["num_classes"])
-    same_size = VisionTransformer.from_timm(reference, img_size=32)
+    assert ours(images(size=64)).shape == (2, TINY.num_classes)
+    same_size = from_timm(reference, img_size=32)
     torch.testing.assert_close(same_size.pos_embed.weight, reference.pos_embed)
+
+
+def test_timm_config_reads_a_timm_vit_into_our_config():
+    assert timm_config(timm_vit.VisionTransformer(**TINY_ARCH)) == TINY
+    avg = timm_vit.VisionTransformer(**TINY_ARCH, global_pool="avg", class_token=False, pos_embed="none")
+    assert timm_config(avg) == TINY.replace(pool="avg", class_token=False, pos_embed="none")
+
+
+def test_from_timm_takes_the_training_rates_it_is_given():
+    ours = from_timm(random_timm_vit(), drop_rate=0.1, attn_drop_rate=0.2, drop_path_rate=0.3)
+    assert (ours.config.drop_rate, ours.config.attn_drop_rate, ours.config.drop_path_rate) == (0.1, 0.2, 0.3)
+    assert ours.encoder.blocks[-1].drop_path.p == pytest.approx(0.3)
 
 
 # Steps 1-2: patches ------------------------------------------------------------
@@ -178,7 +200,7 @@ def test_the_class_token_sits_at_position_0_with_position_embedding_0():
         tokens = encoder_input(model, x)
         patch_tokens = model.patch_proj(model.patchify(x))
     pos = model.pos_embed.weight  # (1, 1 + N, D)
-    assert pos.shape == (1, 1 + 16, TINY["embed_dim"])
+    assert pos.shape == (1, 1 + 16, TINY.embed_dim)
     torch.testing.assert_close(tokens[:, :1], (model.cls_token + pos[:, :1]).expand(2, -1, -1))
     torch.testing.assert_close(tokens[:, 1:], patch_tokens + pos[:, 1:])
 
@@ -189,7 +211,7 @@ def test_sincos2d_is_fixed_distinct_per_position_and_zero_for_the_class_token():
     assert not table.requires_grad
     assert all(param is not table for param in model.parameters())
     assert "pos_embed.weight" not in model.state_dict()
-    assert torch.equal(table[0, 0], torch.zeros(TINY["embed_dim"]))
+    assert torch.equal(table[0, 0], torch.zeros(TINY.embed_dim))
     patch_rows = table[0, 1:]
     distances = torch.cdist(patch_rows, patch_rows) + torch.eye(len(patch_rows))
     assert distances.min() > 1e-3
@@ -211,7 +233,7 @@ def shuffle_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 def test_only_a_position_embedding_makes_the_model_see_where_patches_are():
     x = images()
-    shuffled = shuffle_patches(x, TINY["patch_size"])
+    shuffled = shuffle_patches(x, TINY.patch_size)
     blind = tiny_vit(pos_embed="none", pool="avg", class_token=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(blind(shuffled), blind(x), atol=1e-5, rtol=0)
@@ -223,29 +245,33 @@ def test_only_a_position_embedding_makes_the_model_see_where_patches_are():
 # Step 5: encoder and attention -------------------------------------------------
 
 
-def test_explicit_attention_equals_the_fused_path_and_is_a_distribution():
+def test_the_explicit_attention_path_gives_the_fused_output():
     torch.manual_seed(0)
     attention = Attention(dim=48, num_heads=3, qkv_bias=True, attn_drop=0.0, proj_drop=0.0)
+    assert attention.fused  # the default, the path training takes
     x = torch.randn(2, 17, 48)
     fused = attention(x)
-    explicit, weights = attention(x, return_attention=True)
-    torch.testing.assert_close(explicit, fused, atol=1e-6, rtol=1e-5)
-    assert weights.shape == (2, 3, 17, 17)
-    assert (weights >= 0).all()
-    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3, 17))
+    attention.fused = False
+    torch.testing.assert_close(attention(x), fused, atol=1e-6, rtol=1e-5)
 
 
-def test_attention_maps_are_one_distribution_per_layer_head_and_token():
-    model = tiny_vit().eval()
-    maps = model.attention_maps(images())
-    assert len(maps) == TINY["depth"]
-    for weights in maps:
-        assert weights.shape == (2, TINY["num_heads"], 17, 17)
-        torch.testing.assert_close(weights.sum(-1), torch.ones(2, TINY["num_heads"], 17))
+def test_the_whole_model_gives_the_same_logits_on_either_attention_path():
+    model = tiny_vit(depth=3).eval()
+    x = images()
     with torch.no_grad():
-        tokens = encoder_input(model, images())
-        encoded, _ = model.encoder(tokens, return_attention=True)
-        torch.testing.assert_close(encoded, model.encoder(tokens), atol=1e-6, rtol=1e-5)
+        fused = model(x)
+        for block in model.encoder.blocks:
+            block.attn.fused = False
+        torch.testing.assert_close(model(x), fused, atol=1e-5, rtol=1e-5)
+
+
+def test_training_takes_the_fused_path_and_materialises_no_attention_weights():
+    model = tiny_vit()
+    softmax_calls = []
+    for block in model.encoder.blocks:
+        block.attn.softmax.register_forward_hook(lambda *_: softmax_calls.append(1))
+    model(images()).sum().backward()
+    assert softmax_calls == []
 
 
 def test_stochastic_depth_grows_linearly_and_only_acts_in_training():
@@ -258,6 +284,85 @@ def test_stochastic_depth_grows_linearly_and_only_acts_in_training():
     model.train()
     torch.manual_seed(0)
     assert not torch.allclose(model(x), model(x))
+
+
+# Intermediates -------------------------------------------------------------------
+
+
+def attention_by_hand(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) of `block`'s attention for block input x (B, T, D): (B, h, T, T)."""
+    B, T, D = x.shape
+    h = block.attn.num_heads
+    qkv = block.attn.qkv(block.norm1(x)).reshape(B, T, 3, h, D // h).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]  # (B, h, T, D/h) each
+    return (q @ k.transpose(-2, -1) / (D // h) ** 0.5).softmax(dim=-1)
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(pool="avg", class_token=False, pos_embed="sincos2d")],
+                         ids=["token", "avg-no-cls"])
+def test_forward_intermediates_are_the_steps_of_one_forward(changes):
+    model = tiny_vit(depth=3, **changes).eval()
+    x = images()
+    forwards = []
+    counter = model.patchify.register_forward_hook(lambda *_: forwards.append(1))
+    with torch.no_grad():
+        out = model.forward_intermediates(x)
+    counter.remove()
+    assert len(forwards) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(out["logits"], model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out["features"], model.forward_features(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out["pre_logits"], model.forward_head(out["features"], pre_logits=True))
+        assert torch.equal(out["patches"], model.patchify(x))
+        assert torch.equal(out["patch_tokens"], model.patch_proj(out["patches"]))
+        assert torch.equal(out["tokens"], encoder_input(model, x))
+        block_inputs = [out["tokens"]] + [out[f"blocks.{i}"] for i in range(2)]
+        for i, (block, block_input) in enumerate(zip(model.encoder.blocks, block_inputs)):
+            torch.testing.assert_close(out[f"blocks.{i}"], block(block_input), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(out[f"attention.{i}"], attention_by_hand(block, block_input))
+        torch.testing.assert_close(out["features"], model.encoder.norm(out["blocks.2"]))
+    assert out.keys() == {"patches", "patch_tokens", "tokens", "features", "pre_logits", "logits"} | {
+        f"{kind}.{i}" for kind in ("blocks", "attention") for i in range(3)
+    }
+
+
+def test_attention_rows_are_distributions_over_the_tokens():
+    model = tiny_vit().eval()
+    with torch.no_grad():
+        out = model.forward_intermediates(images())
+    tokens = 1 + model.grid_size[0] * model.grid_size[1]
+    for i in range(TINY.depth):
+        weights = out[f"attention.{i}"]
+        assert weights.shape == (2, TINY.num_heads, tokens, tokens)
+        assert (weights >= 0).all()
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, TINY.num_heads, tokens))
+    maps = model.attention_maps(images())
+    assert len(maps) == TINY.depth and all(torch.equal(a, out[f"attention.{i}"]) for i, a in enumerate(maps))
+
+
+def test_forward_intermediates_are_differentiable():
+    """Grad-CAM and gradient-weighted rollout differentiate a logit by an intermediate."""
+    model = tiny_vit().eval()
+    out = model.forward_intermediates(images())
+    score = out["logits"][:, 3].sum()
+    grads = torch.autograd.grad(score, [out["attention.0"], out["blocks.1"], out["patch_tokens"]])
+    assert all(grad.abs().sum() > 0 for grad in grads)
+
+
+def hooks_left(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_forward_intermediates_leave_no_hooks_and_restore_each_attention_path():
+    model = tiny_vit(depth=3)
+    model.encoder.blocks[1].attn.fused = False  # a caller's own choice is kept too
+    model.forward_intermediates(images())
+    assert hooks_left(model) == 0
+    assert [block.attn.fused for block in model.encoder.blocks] == [True, False, True]
+    with pytest.raises(ValueError, match="img_size"):  # a failing forward cleans up as well
+        model.forward_intermediates(images(size=48))
+    assert hooks_left(model) == 0
+    assert [block.attn.fused for block in model.encoder.blocks] == [True, False, True]
 
 
 # Step 6: head --------------------------------------------------------------------
@@ -292,8 +397,8 @@ def test_pre_logits_reset_classifier_and_no_head():
     model.reset_classifier(7)
     assert model(x).shape == (2, 7) and model.num_classes == 7
     model.reset_classifier(0)
-    assert model(x).shape == (2, model.num_features)
-    assert torch.equal(tiny_vit(zero_head=True)(x), torch.zeros(2, TINY["num_classes"]))
+    assert model(x).shape == (2, model.num_features) and model.config.num_classes == 0
+    assert torch.equal(tiny_vit(zero_head=True)(x), torch.zeros(2, TINY.num_classes))
 
 
 # Training ----------------------------------------------------------------------
@@ -316,18 +421,22 @@ def test_no_weight_decay_names_the_position_embedding_and_class_token_parameters
 
 
 @pytest.mark.parametrize(
-    "overrides, field",
+    "changes, field, value",
     [
-        (dict(img_size=30), "img_size"),
-        (dict(embed_dim=50), "embed_dim"),
-        (dict(pos_embed="rope"), "pos_embed"),
-        (dict(pool="max"), "pool"),
-        (dict(pool="token", class_token=False), "class_token"),
-        (dict(pos_embed="sincos2d", embed_dim=54, num_heads=3), "embed_dim"),
-        (dict(drop_path_rate=1.0), "drop_path_rate"),
+        (dict(img_size=30), "patch_size", 8),
+        (dict(embed_dim=50), "num_heads", 3),
+        (dict(depth=0), "depth", 0),
+        (dict(pos_embed="rope"), "pos_embed", "rope"),
+        (dict(pool="max"), "pool", "max"),
+        (dict(pool="token", class_token=False), "class_token", False),
+        (dict(pos_embed="sincos2d", embed_dim=54, num_heads=3), "embed_dim", 54),
+        (dict(drop_path_rate=1.0), "drop_path_rate", 1.0),
+        (dict(heads=4), "field", "heads"),
     ],
 )
-def test_a_bad_config_is_refused_naming_the_field(overrides, field):
-    with pytest.raises(ValueError, match=field) as error:
-        VisionTransformer(**{**TINY, **overrides})
-    assert "\n" not in str(error.value)
+def test_a_bad_config_is_refused_in_one_line_naming_field_and_value(changes, field, value):
+    with pytest.raises(ConfigError) as error:
+        VisionTransformer(TINY.replace(**changes))
+    assert (error.value.field_name, error.value.value) == (field, value)
+    message = str(error.value)
+    assert f"{field}={value!r}" in message and "allowed" in message and "\n" not in message
