@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import pandas as pd
 import pytest
-from analysis_fixtures import SWEEP, make_result, power_law_sweep, small_sweep, write_runs
+from analysis_fixtures import SWEEP, make_result, power_law_sweep, runs_of, small_sweep, write_runs
 from matplotlib.collections import PolyCollection
 
-from analysis import collect, plots
-
-
-def runs_of(tmp_path, records) -> pd.DataFrame:
-    write_runs(tmp_path, records)
-    return collect.collect_runs(tmp_path, SWEEP)
+from analysis import plots
 
 
 def labelled_lines(ax) -> list[str]:

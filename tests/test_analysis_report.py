@@ -8,9 +8,9 @@ import types
 from pathlib import Path
 
 import pytest
-from analysis_fixtures import SWEEP, power_law_sweep, small_sweep, write_result, write_runs
+from analysis_fixtures import SWEEP, power_law_sweep, runs_of, small_sweep, write_result, write_runs
 
-from analysis import collect, report, stats
+from analysis import report, stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,19 +76,16 @@ def test_report_contents(built):
 
 
 def test_crossover_and_weak_evidence_findings(tmp_path):
-    write_runs(tmp_path, power_law_sweep(noise=0.005))
-    runs = collect.collect_runs(tmp_path, SWEEP)
+    runs = runs_of(tmp_path, power_law_sweep(noise=0.005))
     lines = report.findings_section(runs, stats.crossovers(runs, n_boot=40))
     crossing = next(line for line in lines if line.startswith("- Crossover"))
     assert "cross at ≈ 8,491 training images (95% bootstrap interval" in crossing
     assert "inside the measured range (540–54,000 images)" in crossing
-    write_runs(tmp_path / "flat", power_law_sweep(vit=(8.0, 0.5, 0.10), seeds=(0,)))
-    runs = collect.collect_runs(tmp_path / "flat", SWEEP)
+    runs = runs_of(tmp_path / "flat", power_law_sweep(vit=(8.0, 0.5, 0.10), seeds=(0,)))
     lines = report.findings_section(runs, stats.crossovers(runs, n_boot=10))
     assert any("no crossover in the measured range (540–54,000 images), nor up to 10×" in line for line in lines)
     assert "- Every cell has a single seed: no confidence intervals, every comparison is anecdotal." in lines
-    write_runs(tmp_path / "reversed", power_law_sweep(vit=(1.0, 0.4, 0.08), cnn=(8.0, 0.5, 0.02)))
-    runs = collect.collect_runs(tmp_path / "reversed", SWEEP)
+    runs = runs_of(tmp_path / "reversed", power_law_sweep(vit=(1.0, 0.4, 0.08), cnn=(8.0, 0.5, 0.02)))
     lines = report.findings_section(runs, stats.crossovers(runs, n_boot=10))
     assert any("reversed, the ViT's fitted error is already lower at 540 images, and the CNN's falls below it "
                "at ≈ 8,491 training images (inside the measured range)" in line for line in lines)
@@ -98,8 +95,7 @@ def test_overlapping_ci_is_called_out(tmp_path):
     records = power_law_sweep(vit=(1.0, 0.4, 0.08), fractions=(0.1,))  # ViT = CNN, seeds 0 and 1
     records[0]["metrics"]["test/acc1"] -= 0.002  # ViT seed 0 worse, seed 1 better: the CI spans 0
     records[1]["metrics"]["test/acc1"] += 0.001
-    write_runs(tmp_path, records)
-    runs = collect.collect_runs(tmp_path, SWEEP)
+    runs = runs_of(tmp_path, records)
     assert any("the 95% CI includes 0, so the order is not established" in line
                for line in report.findings_section(runs, stats.crossovers(runs)))
 
