@@ -236,18 +236,3 @@ def from_wandb(path: str, sweep: str, api: Any = None) -> Collection:
         api = wandb.Api()
     runs = sorted(api.runs(path, filters={"group": sweep}), key=lambda r: r.id)
     return read_records((f"wandb:{path}/{r.id}", wandb_record(r, sweep)) for r in runs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: collect a sweep and write `results/SWEEP/runs.csv`."""
-    from analysis import cli
-
-    args = cli.parser("Collect a sweep's result.json files into results/SWEEP/runs.csv.").parse_args(argv)
-    collection = cli.load(args)
-    path = save_runs(collection.runs, args.results_dir, args.sweep)
-    print(f"{len(collection.runs)} runs -> {path} ({len(collection.skipped)} files skipped)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from analysis_fixtures import SWEEP, make_result, runs_of, small_sweep, write_runs
+from analysis_fixtures import make_result, runs_of, small_sweep
 
 from analysis import tables
+from analysis.outputs import NoData
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def test_pretraining_table(runs):
 
 def test_pretraining_table_skipped_without_pretraining(tmp_path):
     runs = runs_of(tmp_path, [make_result("resnet50"), make_result("vit_tiny_p8")])
-    with pytest.raises(tables.NoData, match="no pretrained runs"):
+    with pytest.raises(NoData, match="no pretrained runs"):
         tables.pretraining_table(runs)
 
 
@@ -110,11 +111,3 @@ def test_write_tables_writes_md_and_tex_and_removes_stale(tmp_path, runs):
     assert list(skipped) == ["table2_pretraining"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{t.name}.{ext}" for t in built for ext in ("md", "tex"))
-
-
-def test_tables_cli(tmp_path):
-    write_runs(tmp_path / "runs", small_sweep())
-    assert tables.main(["--sweep", SWEEP, "--runs-dir", str(tmp_path / "runs"),
-                        "--results-dir", str(tmp_path / "results")]) == 0
-    assert sorted(p.name for p in (tmp_path / "results" / SWEEP).iterdir()) == ["tables"]
-    assert len(list((tmp_path / "results" / SWEEP / "tables").iterdir())) == 8
