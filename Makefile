@@ -53,13 +53,13 @@ sweep-dry: install ## Print the runs a sweep would launch and which are done
 	$(PY) -m experiments.sweep experiments/sweeps/$(SWEEP).yaml --dry-run --runs-dir $(RUNS)
 
 plots: install ## Regenerate the figures of SWEEP from its runs
-	$(PY) -m analysis.plots --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
+	$(PY) -m analysis plots --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
 
 tables: install ## Regenerate the tables of SWEEP from its runs
-	$(PY) -m analysis.tables --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
+	$(PY) -m analysis tables --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
 
 report: install ## Regenerate results/SWEEP/ (tables, figures, report.md) from its runs
-	$(PY) -m analysis.report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
+	$(PY) -m analysis report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
 
 train-cpu: install data ## One CPU-profile run of each net (MODEL=..., FRACTION=...)
 	$(PY) -m experiments.train --profile cpu --model $(or $(MODEL),resnet50) --train-fraction $(or $(FRACTION),1.0)

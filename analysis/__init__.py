@@ -1,8 +1,12 @@
 """Analysis of a sweep: result.json files -> statistics, tables, figures, report.
 
-`collect` reads the runs into one tidy DataFrame, `stats` aggregates over
-seeds (bootstrap CIs, paired ViT - CNN differences, power-law fits and the
-crossover size), `tables` and `plots` render them, and `report` ties it all
-into `results/SWEEP/report.md`. Only pandas, numpy, scipy, matplotlib and
-seaborn are used: this package never imports torch.
+`collect` reads the runs into one tidy DataFrame (checked against
+`common.schema`), `stats` aggregates over seeds (bootstrap CIs, paired
+ViT - CNN differences, power-law fits and the crossover size), `tables` and
+`plots` render them with what `outputs` shares (the order of models and
+conditions, labels, writing), and `report` ties it all into
+`results/SWEEP/report.md`. `cli` is the one entry point:
+`python -m analysis collect|tables|plots|report --sweep NAME`. Only pandas,
+numpy, scipy, matplotlib and seaborn are used: this package never imports
+torch, `experiments` or `lightning_modules`.
 """

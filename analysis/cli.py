@@ -1,36 +1,94 @@
-"""Command-line pieces shared by `analysis.collect`, `.tables`, `.plots` and `.report`."""
+"""The analysis command line: one entry point, one subcommand per output.
+
+    python -m analysis collect --sweep NAME [--runs-dir runs] [--results-dir results] [--from-wandb ENTITY/PROJECT]
+    python -m analysis tables  --sweep NAME [same options]
+    python -m analysis plots   --sweep NAME [same options]
+    python -m analysis report  --sweep NAME [same options] [--wandb off|offline|online] [--crossover-resamples N]
+
+`collect` writes `results/SWEEP/runs.csv`, `tables` the tables, `plots` the
+figures, `report` all of them and `report.md`. A sweep without runs is one
+line on stderr and exit code 2, with nothing written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-from analysis.collect import Collection, collect, from_wandb
-
-
-def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with --sweep, --runs-dir, --results-dir, --from-wandb."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--sweep", required=True, help="sweep name: runs/SWEEP -> results/SWEEP")
-    p.add_argument("--runs-dir", default="runs", help="folder holding SWEEP/RUN_ID/result.json (default: runs)")
-    p.add_argument("--results-dir", default="results", help="output folder (default: results)")
-    p.add_argument("--from-wandb", metavar="ENTITY/PROJECT", default=None,
-                   help="read the runs from W&B (group = SWEEP) instead of runs/")
-    return p
+from analysis import collect, plots, report, tables
+from analysis.collect import Collection
 
 
-def load(args: argparse.Namespace) -> Collection:
-    """Collect the sweep named by `args`; exit 2 with one line if it has no runs."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def _collect(args: argparse.Namespace, collection: Collection) -> str:
+    path = collect.save_runs(collection.runs, args.results_dir, args.sweep)
+    return f"{len(collection.runs)} runs -> {path} ({len(collection.skipped)} files skipped)"
+
+
+def _tables(args: argparse.Namespace, collection: Collection) -> str:
+    out_dir = Path(args.results_dir) / args.sweep / tables.FOLDER
+    built, skipped = tables.write_tables(collection.runs, out_dir)
+    return f"{len(built)} tables -> {out_dir} ({len(skipped)} skipped: {', '.join(skipped) or 'none'})"
+
+
+def _plots(args: argparse.Namespace, collection: Collection) -> str:
+    out_dir = Path(args.results_dir) / args.sweep / plots.FOLDER
+    written, skipped = plots.write_figures(collection.runs, out_dir)
+    return f"{len(written)} figures -> {out_dir} ({len(skipped)} skipped: {', '.join(skipped) or 'none'})"
+
+
+def _report(args: argparse.Namespace, collection: Collection) -> str:
+    path = report.make_report(collection, args.sweep, args.results_dir, args.crossover_resamples, args.wandb)
+    return f"report -> {path}"
+
+
+# subcommand -> (what it does, the function that does it and returns the line to print)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace, Collection], str]]] = {
+    "collect": ("Collect the sweep's result.json files into results/SWEEP/runs.csv.", _collect),
+    "tables": ("Regenerate the sweep's tables (Markdown and LaTeX).", _tables),
+    "plots": ("Regenerate the sweep's figures (PNG and PDF).", _plots),
+    "report": ("Collect the sweep and write its tables, figures and report.md.", _report),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `python -m analysis`: a subcommand, then --sweep and the folder options."""
+    parser = argparse.ArgumentParser(prog="python -m analysis",
+                                     description="Turn a sweep's result.json files into tables, figures and a report.")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, (description, run) in COMMANDS.items():
+        p = subcommands.add_parser(name, help=description, description=description)
+        p.set_defaults(run=run)
+        p.add_argument("--sweep", required=True, help="sweep name: runs/SWEEP -> results/SWEEP")
+        p.add_argument("--runs-dir", default="runs", help="folder holding SWEEP/RUN_ID/result.json (default: runs)")
+        p.add_argument("--results-dir", default="results", help="output folder (default: results)")
+        p.add_argument("--from-wandb", metavar="ENTITY/PROJECT", default=None,
+                       help="read the runs from W&B (group = SWEEP) instead of runs/")
+        if name == "report":
+            p.add_argument("--wandb", choices=("off", "offline", "online"), default="off",
+                           help="also log tables and figures to one W&B report run (default: off)")
+            p.add_argument("--crossover-resamples", type=int, default=report.CROSSOVER_RESAMPLES,
+                           help="bootstrap resamples for the crossover interval (default: %(default)s)")
+    return parser
+
+
+def load(args: argparse.Namespace) -> tuple[Collection, str]:
+    """The sweep named by `args`, from the runs folder or W&B, and where it was read (for messages)."""
     if args.from_wandb:
-        collection = from_wandb(args.from_wandb, args.sweep)
-        where = f"W&B {args.from_wandb} (group {args.sweep})"
-    else:
-        collection = collect(args.runs_dir, args.sweep)
-        where = f"{args.runs_dir}/{args.sweep}"
+        return collect.from_wandb(args.from_wandb, args.sweep), f"W&B {args.from_wandb} (group {args.sweep})"
+    return collect.collect(args.runs_dir, args.sweep), f"{args.runs_dir}/{args.sweep}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code (2: the sweep has no runs)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    collection, where = load(args)
     if collection.runs.empty:
         print(f"error: no runs for sweep {args.sweep!r} in {where} "
               f"({len(collection.skipped)} unreadable result.json files)", file=sys.stderr)
-        raise SystemExit(2)
-    return collection
+        return 2
+    print(args.run(args, collection))
+    return 0

@@ -5,14 +5,13 @@ returns a Figure (tests inspect its axes), or raises `NoData` with the reason
 when the sweep has nothing to show: no figure is ever empty. Colours follow
 the model (seaborn's colour-blind palette), line style and marker the
 pretraining; shaded bands are 95% bootstrap CIs over seeds (none at n=1).
-
-    python -m analysis.plots --sweep default [--runs-dir runs] [--results-dir results]
+`FIGURES` names each figure, its title and the function that draws it.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib as mpl
@@ -23,11 +22,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from analysis import files, stats
-from analysis.tables import NoData, condition_label, conditions, write_outputs
+from analysis import stats
+from analysis.outputs import NoData, condition_label, conditions_in_order, models_in_order, write_outputs
+from common import files
 
-log = logging.getLogger(__name__)
-
+FOLDER = "figures"  # under results/SWEEP/
 COLUMN_WIDTH = 3.5  # inches: one column of a two-column paper
 PANEL_HEIGHT = 2.4
 DPI = 200
@@ -48,10 +47,10 @@ class _Styler:
     """Consistent colour per model and line style/marker per condition."""
 
     def __init__(self, runs: pd.DataFrame) -> None:
-        models = sorted(runs[["model", "arch"]].drop_duplicates().itertuples(index=False), key=lambda m: (m[1], m[0]))
+        models = models_in_order(runs)
         colors = sns.color_palette("colorblind", max(len(models), 1))
         self.color = {m: colors[i] for i, (m, _) in enumerate(models)}
-        labels = [condition_label(p, s) for p, s in conditions(runs)]
+        labels = [condition_label(p, s) for p, s in conditions_in_order(runs)]
         self.style = {c: (LINESTYLES[i % len(LINESTYLES)], MARKERS[i % len(MARKERS)]) for i, c in enumerate(labels)}
         self.order = {key: i for i, key in enumerate((m, c) for m, _ in models for c in labels)}
 
@@ -232,18 +231,30 @@ def plot_cost(runs: pd.DataFrame, metric: str = stats.METRIC) -> Figure:
         return _finish(fig)
 
 
-FIGURES: dict[str, Callable[[pd.DataFrame], Figure]] = {
-    "fig1_data_efficiency": plot_data_efficiency,
-    "fig2_pretraining_effect": plot_pretraining_effect,
-    "fig3_pretraining_scale": plot_pretraining_scale,
-    "fig4_generalization": plot_generalization,
-    "fig5_cost": plot_cost,
+@dataclass(frozen=True)
+class FigureMaker:
+    """One figure: its title (the report's caption) and the function that draws it from the runs."""
+
+    title: str
+    draw: Callable[[pd.DataFrame], Figure]
+
+
+FIGURES: dict[str, FigureMaker] = {
+    "fig1_data_efficiency": FigureMaker("Figure 1. Data efficiency: test accuracy vs training images",
+                                        plot_data_efficiency),
+    "fig2_pretraining_effect": FigureMaker("Figure 2. Pretraining effect: gain over scratch",
+                                           plot_pretraining_effect),
+    "fig3_pretraining_scale": FigureMaker("Figure 3. Pretraining scale: accuracy vs pretraining-set size",
+                                          plot_pretraining_scale),
+    "fig4_generalization": FigureMaker("Figure 4. Generalization: corruption severity and train-test gap",
+                                       plot_generalization),
+    "fig5_cost": FigureMaker("Figure 5. Cost: accuracy vs training FLOPs and wall time", plot_cost),
 }
 
 
 # --------------------------------------------------------------- saving
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
-    """Write `stem.png` (dpi 200) and `stem.pdf` atomically, without timestamps (byte-reproducible)."""
+    """Write `stem.png` (at `DPI`) and `stem.pdf` atomically, without timestamps (byte-reproducible)."""
     stem = Path(stem)
     out = []
     for fmt, metadata in (("png", {"Software": None}),
@@ -260,20 +271,5 @@ def write_figures(runs: pd.DataFrame, out_dir: Path) -> tuple[dict[str, list[Pat
     Returns:
         {figure name: [png, pdf]} and {skipped figure name: reason}.
     """
-    return write_outputs(FIGURES, runs, out_dir, (".png", ".pdf"), save_figure, "figure", log)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: regenerate `results/SWEEP/figures/` only."""
-    from analysis import cli
-
-    args = cli.parser("Regenerate a sweep's figures (PNG and PDF).").parse_args(argv)
-    runs = cli.load(args).runs
-    out_dir = Path(args.results_dir) / args.sweep / "figures"
-    written, skipped = write_figures(runs, out_dir)
-    print(f"{len(written)} figures -> {out_dir} ({len(skipped)} skipped: {', '.join(skipped) or 'none'})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    draw = {name: figure.draw for name, figure in FIGURES.items()}
+    return write_outputs(draw, runs, out_dir, (".png", ".pdf"), save_figure, "figure")

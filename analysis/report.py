@@ -1,12 +1,8 @@
 """The sweep report: collect -> stats -> tables -> figures -> `results/SWEEP/report.md`.
 
-    python -m analysis.report --sweep default [--runs-dir runs] [--results-dir results]
-                              [--wandb off|offline|online] [--from-wandb ENTITY/PROJECT]
-
-Writes `runs.csv`, `tables/*.md|*.tex`, `figures/*.png|*.pdf` and
-`report.md` under `results/SWEEP/`, each atomically. The output depends only
-on the runs: running it twice gives byte-identical files. Exit code 2 with a
-one-line error when the sweep has no runs.
+`make_report` writes `runs.csv`, `tables/*.md|*.tex`, `figures/*.png|*.pdf`
+and `report.md` under `results/SWEEP/`, each atomically. The output depends
+only on the runs: running it twice gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -18,19 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import collect, files, plots, stats, tables
+from analysis import collect, plots, stats, tables
 from analysis.collect import Collection
-from analysis.tables import Table, condition_label, fraction_label
+from analysis.outputs import condition_key, condition_label, conditions_in_order, fraction_label, models_in_order
+from analysis.tables import Table
+from common import files
+from common.schema import PLACEMENT_FIELDS
 
-# Spec fields that say where a run is placed or logged, not what it computes.
-PLACEMENT = ("sweep", "data_dir", "weights_file", "wandb", "num_workers")
-FIGURE_TITLES = {
-    "fig1_data_efficiency": "Figure 1. Data efficiency: test accuracy vs training images",
-    "fig2_pretraining_effect": "Figure 2. Pretraining effect: gain over scratch",
-    "fig3_pretraining_scale": "Figure 3. Pretraining scale: accuracy vs pretraining-set size",
-    "fig4_generalization": "Figure 4. Generalization: corruption severity and train-test gap",
-    "fig5_cost": "Figure 5. Cost: accuracy vs training FLOPs and wall time",
-}
+CROSSOVER_RESAMPLES = 200  # bootstrap resamples behind the crossover intervals of the report
 
 
 # --------------------------------------------------------------- formatting
@@ -66,11 +57,12 @@ def _images(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def _scratch_first(frame: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """`frame` sorted by `by`, with scratch (pretraining "none") before the sources."""
-    keyed = frame.assign(_source=frame["pretraining"] != "none")
-    order = ["dataset", "_source", *[c for c in by if c != "dataset"]]
-    return keyed.sort_values(order, kind="mergesort").drop(columns="_source")
+def _in_condition_order(frame: pd.DataFrame, then: list[str]) -> pd.DataFrame:
+    """`frame` sorted by dataset, then condition (`condition_key`: scratch first), then the columns `then`."""
+    keys = [condition_key(p, s) for p, s in zip(frame["pretraining"], frame["pretrain_size"])]
+    rank = {key: i for i, key in enumerate(sorted(set(keys)))}
+    keyed = frame.assign(_condition=[rank[key] for key in keys])
+    return keyed.sort_values(["dataset", "_condition", *then], kind="mergesort").drop(columns="_condition")
 
 
 # --------------------------------------------------------------- sections
@@ -79,20 +71,20 @@ def setup_section(collection: Collection, sweep: str) -> list[str]:
     runs = collection.runs
     target = stats.targets(runs)
     counts = stats.status_counts(runs)
-    models = sorted(target[["model", "arch"]].drop_duplicates().itertuples(index=False), key=lambda m: (m[1], m[0]))
+    models = models_in_order(target)
     lines = [
         "## Setup", "",
         f"- Sweep: `{sweep}`; profile: {', '.join(_values(runs['profile'])) or 'unknown'}",
         f"- Datasets: {', '.join(_values(target['dataset']))}",
         f"- Models: {', '.join(f'{m} ({a})' for m, a in models)}",
         f"- Training fractions: {', '.join(f'{100 * f:g}%' for f in sorted(target['train_fraction'].unique()))}",
-        f"- Pretraining: {', '.join(condition_label(p, s) for p, s in tables.conditions(target))}",
+        f"- Pretraining: {', '.join(condition_label(p, s) for p, s in conditions_in_order(target))}",
         f"- Seeds: {', '.join(_values(target['seed']))}",
         f"- Runs: {len(target)} ({counts['completed']} completed, {counts['failed']} failed, "
         f"{counts['diverged']} diverged); {len(runs) - len(target)} upstream pretraining runs; "
         f"{len(collection.skipped)} unreadable result.json files skipped",
     ]
-    spec_cols = sorted(c for c in runs if c.startswith("spec/") and c.removeprefix("spec/") not in PLACEMENT)
+    spec_cols = sorted(c for c in runs if c.startswith("spec/") and c.removeprefix("spec/") not in PLACEMENT_FIELDS)
     varying = [c for c in spec_cols if target[c].nunique() > 1]
     fixed = [c for c in spec_cols if target[c].nunique() == 1]
     if varying:
@@ -126,7 +118,8 @@ def _gap_findings(runs: pd.DataFrame, diffs: pd.DataFrame) -> Iterable[str]:
     """ViT − CNN at the smallest and largest fraction of each condition."""
     multi = stats.targets(runs)["dataset"].nunique() > 1
     keys = ["dataset", "pretraining", "pretrain_size", "vit_model", "cnn_model"]
-    for (dataset, pre, size, vit, cnn), group in _scratch_first(diffs, keys).groupby(keys, dropna=False, sort=False):
+    ordered = _in_condition_order(diffs, ["vit_model", "cnn_model"])
+    for (dataset, pre, size, vit, cnn), group in ordered.groupby(keys, dropna=False, sort=False):
         group = group[group["n"] > 0].sort_values("train_fraction")
         where = f" on {dataset}" if multi else ""
         ends = group.iloc[sorted({0, len(group) - 1})] if len(group) else group
@@ -164,7 +157,7 @@ def _pretraining_findings(gains: pd.DataFrame, diffs: pd.DataFrame) -> Iterable[
 def _crossover_findings(cross: pd.DataFrame) -> Iterable[str]:
     """One sentence per (condition, ViT, CNN) crossover estimate."""
     multi = cross["dataset"].nunique() > 1
-    for _, c in _scratch_first(cross, [*stats.CONDITION, "vit_model", "cnn_model"]).iterrows():
+    for _, c in _in_condition_order(cross, ["vit_model", "cnn_model"]).iterrows():
         where = f"{c['dataset']}, " if multi else ""
         who = f"{c['vit_model']} vs {c['cnn_model']} ({where}{condition_label(c['pretraining'], c['pretrain_size'])})"
         measured = f"{_images(c['n_min'])}–{_images(c['n_max'])} images"
@@ -265,13 +258,14 @@ def build_report(
     lines += findings_section(collection.runs, crossovers) + [""]
     lines += ["## Tables", ""]
     for table in built:
-        lines += [table.to_markdown(), f"[Markdown](tables/{table.name}.md) · [LaTeX](tables/{table.name}.tex)", ""]
+        link = f"{tables.FOLDER}/{table.name}"
+        lines += [table.to_markdown(), f"[Markdown]({link}.md) · [LaTeX]({link}.tex)", ""]
     lines += [f"- Table `{name}` skipped: {reason}." for name, reason in table_skips.items()]
     lines += ["", "## Figures", ""]
     for name, paths in figures.items():
         png, pdf = (p.name for p in paths)
-        lines += [f"![{FIGURE_TITLES[name]}](figures/{png})", "",
-                  f"*{FIGURE_TITLES[name]}* ([PDF](figures/{pdf}))", ""]
+        title = plots.FIGURES[name].title
+        lines += [f"![{title}]({plots.FOLDER}/{png})", "", f"*{title}* ([PDF]({plots.FOLDER}/{pdf}))", ""]
     lines += [f"- Figure `{name}` skipped: {reason}." for name, reason in figure_skips.items()]
     lines += [""] + method_section()
     return "\n".join(lines).replace("\n\n\n", "\n\n").rstrip("\n") + "\n"
@@ -292,7 +286,8 @@ def log_to_wandb(mode: str, sweep: str, built: list[Table], figures: dict[str, l
 
 # --------------------------------------------------------------- driver
 def make_report(
-    collection: Collection, sweep: str, results_dir: Path | str, n_boot: int = 200, wandb_mode: str = "off"
+    collection: Collection, sweep: str, results_dir: Path | str, n_boot: int = CROSSOVER_RESAMPLES,
+    wandb_mode: str = "off",
 ) -> Path:
     """Write runs.csv, tables, figures and report.md for one sweep (and log them to W&B unless off).
 
@@ -302,30 +297,11 @@ def make_report(
     out = Path(results_dir) / sweep
     runs = collection.runs
     collect.save_runs(runs, results_dir, sweep)
-    built, table_skips = tables.write_tables(runs, out / "tables")
-    figures, figure_skips = plots.write_figures(runs, out / "figures")
+    built, table_skips = tables.write_tables(runs, out / tables.FOLDER)
+    figures, figure_skips = plots.write_figures(runs, out / plots.FOLDER)
     crossovers = stats.crossovers(runs, n_boot=n_boot)
     text = build_report(collection, sweep, built, table_skips, figures, figure_skips, crossovers)
     path = files.write_text(out / "report.md", text)
     if wandb_mode != "off":
         log_to_wandb(wandb_mode, sweep, built, figures)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point (see the module docstring)."""
-    from analysis import cli
-
-    p = cli.parser("Collect a sweep and write its tables, figures and report.md.")
-    p.add_argument("--wandb", choices=("off", "offline", "online"), default="off",
-                   help="also log tables and figures to one W&B report run (default: off)")
-    p.add_argument("--crossover-resamples", type=int, default=200,
-                   help="bootstrap resamples for the crossover interval (default: 200)")
-    args = p.parse_args(argv)
-    path = make_report(cli.load(args), args.sweep, args.results_dir, args.crossover_resamples, args.wandb)
-    print(f"report -> {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

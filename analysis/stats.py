@@ -5,7 +5,7 @@ Conventions:
   metric enter the statistics; failed and diverged runs are counted per cell
   (`n_failed`, `n_diverged`).
 - The 95% CI of a mean is a percentile bootstrap over seeds
-  (`scipy.stats.bootstrap`, 9999 resamples, a fixed seed): reports are
+  (`scipy.stats.bootstrap`, `N_RESAMPLES` resamples, a fixed seed): reports are
   reproducible. With n=1 there is no interval (NaN); with n=2 the interval is
   the range of the two values, so n is always reported with it.
 - Accuracies stay fractions here; tables and plots show percent.

@@ -3,33 +3,27 @@
 Every accuracy cell is "mean ± half-width of the 95% bootstrap CI over
 seeds", in percent; a single seed prints "± n/a (n=1)"; a missing value
 prints "–". The number of seeds is stated in each caption.
-
-    python -m analysis.tables --sweep default [--runs-dir runs] [--results-dir results]
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from tabulate import tabulate
 
-from analysis import files, stats
+from analysis import stats
+from analysis.outputs import (NoData, condition_label, conditions_in_order, fraction_label, models_in_order,
+                              write_outputs)
+from common import files
 
-log = logging.getLogger(__name__)
-
+FOLDER = "tables"  # under results/SWEEP/
 DASH = "–"
 CI_TEXT = "mean ± half-width of the 95% percentile-bootstrap CI over seeds"
-
-
-class NoData(ValueError):
-    """Nothing to show; str() says why (the table or figure is skipped)."""
 
 
 @dataclass(frozen=True)
@@ -103,26 +97,6 @@ def latex_escape(text: str) -> str:
 
 
 # --------------------------------------------------------------- formatting
-def human_count(n: float) -> str:
-    """12800 -> "12.8k", 1500000 -> "1.5M", 540 -> "540"."""
-    if n >= 1e6:
-        return f"{n / 1e6:.3g}M"
-    return f"{n / 1e3:.3g}k" if n >= 1e3 else f"{n:.0f}"
-
-
-def condition_label(pretraining: str, pretrain_size: float | None) -> str:
-    """"scratch" for no pretraining, else the source and its size if known."""
-    if pretraining == "none":
-        return "scratch"
-    return pretraining if pd.isna(pretrain_size) else f"{pretraining} {human_count(float(pretrain_size))}"
-
-
-def fraction_label(fraction: float, n_images: float) -> str:
-    """0.01, 540 -> "1% (540)"."""
-    size = "" if pd.isna(n_images) else f" ({n_images:,.0f})"
-    return f"{100 * fraction:g}%{size}"
-
-
 def format_estimate(
     row: pd.Series | None, scale: float = 100.0, digits: int = 1, signed: bool = False, common_n: int = 0
 ) -> str:
@@ -172,17 +146,6 @@ def _mean(row: pd.Series | None) -> float:
     return math.nan if row is None or row["n"] == 0 else float(row["mean"])
 
 
-def conditions(frame: pd.DataFrame) -> list[tuple[str, float]]:
-    """The (pretraining, pretrain_size) pairs of `frame`: scratch first, then by name and size."""
-    pairs = frame[["pretraining", "pretrain_size"]].drop_duplicates().itertuples(index=False)
-    return sorted(pairs, key=lambda p: (p[0] != "none", p[0], -1 if pd.isna(p[1]) else float(p[1])))
-
-
-def _models(frame: pd.DataFrame) -> list[tuple[str, str]]:
-    """(model, arch) pairs, CNNs first, then by name."""
-    return sorted(frame[["model", "arch"]].drop_duplicates().itertuples(index=False), key=lambda m: (m[1], m[0]))
-
-
 def _bold_best(cells: list[Cell], values: list[float], lower_is_better: bool = False) -> list[Cell]:
     """Bold the single best finite value among `values` (no bold on ties or < 2 values)."""
     finite = [(v, i) for i, v in enumerate(values) if not pd.isna(v)]
@@ -217,7 +180,7 @@ def data_efficiency_table(runs: pd.DataFrame, metric: str = stats.METRIC) -> Tab
     if not summary["n"].any():
         raise NoData(f"no completed runs with {metric}")
     common, seeds = seeds_text(pd.concat([summary["n"], diffs["n"]]))
-    conds, models = conditions(summary), _models(summary)
+    conds, models = conditions_in_order(summary), models_in_order(summary)
     pairs = [(v, c) for v, va in models for c, ca in models if va == "vit" and ca == "cnn"]
     multi = summary["dataset"].nunique() > 1
     header = ["Dataset"] * multi + ["Train fraction (images)"]
@@ -251,7 +214,7 @@ def pretraining_table(runs: pd.DataFrame, metric: str = stats.METRIC) -> Table:
     """
     summary = stats.summarize(runs, metric)
     summary = summary[summary["n"] > 0]
-    sources = [c for c in conditions(summary) if c[0] != "none"]
+    sources = [c for c in conditions_in_order(summary) if c[0] != "none"]
     if not sources:
         raise NoData("no pretrained runs (every run trains from scratch)")
     gains = stats.pretraining_gains(runs, metric)
@@ -314,8 +277,8 @@ def generalization_table(runs: pd.DataFrame, reference: str = stats.REFERENCE_CN
     header += [title for title, *_ in GENERALIZATION_COLUMNS]
     rows = []
     for (dataset, fraction), group in clean.groupby(["dataset", "train_fraction"], sort=True):
-        for pre, size in conditions(group):
-            models = _models(stats.select(group, pretraining=pre, pretrain_size=size))
+        for pre, size in conditions_in_order(group):
+            models = models_in_order(stats.select(group, pretraining=pre, pretrain_size=size))
             block = [[Cell(dataset)] * multi + [Cell(fraction_label(fraction, group["n_images"].max())),
                                                   Cell(condition_label(pre, size)), Cell(m)] for m, _ in models]
             for (_, _, scale, lower), frame in zip(GENERALIZATION_COLUMNS, per_column):
@@ -399,46 +362,5 @@ def write_tables(runs: pd.DataFrame, out_dir: Path) -> tuple[list[Table], dict[s
         files.write_text(stem.with_suffix(".tex"), table.to_latex())
         return table
 
-    built, skipped = write_outputs(TABLES, runs, out_dir, (".md", ".tex"), save, "table", log)
+    built, skipped = write_outputs(TABLES, runs, out_dir, (".md", ".tex"), save, "table")
     return list(built.values()), skipped
-
-
-def write_outputs(makers: dict[str, Callable[[pd.DataFrame], Any]], runs: pd.DataFrame, out_dir: Path,
-                  suffixes: tuple[str, ...], save: Callable[[Any, Path], Any], kind: str,
-                  logger: logging.Logger) -> tuple[dict[str, Any], dict[str, str]]:
-    """Make every table or figure that has data and `save(it, out_dir / name)`.
-
-    A maker raising NoData is skipped with a logged reason, and its files
-    (`name` + each of `suffixes`) are deleted, so none is stale.
-
-    Returns:
-        {name: what `save` returned} and {skipped name: reason}.
-    """
-    saved, skipped = {}, {}
-    for name, make in makers.items():
-        stem = Path(out_dir) / name
-        try:
-            made = make(runs)
-        except NoData as reason:
-            logger.info("%s %s skipped: %s", kind, name, reason)
-            skipped[name] = str(reason)
-            for suffix in suffixes:
-                stem.with_suffix(suffix).unlink(missing_ok=True)
-            continue
-        saved[name] = save(made, stem)
-    return saved, skipped
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI: regenerate `results/SWEEP/tables/` only."""
-    from analysis import cli
-
-    args = cli.parser("Regenerate a sweep's tables (Markdown and LaTeX).").parse_args(argv)
-    out_dir = Path(args.results_dir) / args.sweep / "tables"
-    built, skipped = write_tables(cli.load(args).runs, out_dir)
-    print(f"{len(built)} tables -> {out_dir} ({len(skipped)} skipped: {', '.join(skipped) or 'none'})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

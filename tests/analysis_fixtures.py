@@ -1,4 +1,9 @@
-"""Hand-made result.json files (docs/results.md) for the analysis tests."""
+"""Hand-made result.json files for the analysis tests.
+
+Every record `make_result` builds passes `common.schema.check` and uses only
+keys the schema knows, so a change of the contract breaks these fixtures
+loudly instead of leaving the tests on an outdated copy of it.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from analysis import collect
+from common import schema
+
 SWEEP = "toy"
 ARCH = {"vit_tiny_p8": "vit", "vit_s16": "vit", "resnet50": "cnn", "resnet18": "cnn"}
+ARCHITECTURE = {  # the `architecture` section: the net as built (a ViTConfig, or timm's name and kwargs)
+    "vit_tiny_p8": {"img_size": 28, "patch_size": 8, "embed_dim": 192, "depth": 4, "num_heads": 3,
+                    "pos_embed": "learn", "pool": "token", "class_token": True},
+    "vit_s16": {"img_size": 224, "patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6,
+                "pos_embed": "learn", "pool": "token", "class_token": True},
+    "resnet50": {"timm_name": "resnet50", "num_classes": 10, "in_chans": 1, "drop_path_rate": 0.0},
+    "resnet18": {"timm_name": "resnet18", "num_classes": 10, "in_chans": 1, "drop_path_rate": 0.0},
+}
 FULL_TRAIN = 54_000  # fashion_mnist training images after carving the validation split
 
 
@@ -17,7 +35,10 @@ def make_result(
     pretraining: str = "none", pretrain_size: int | None = None, status: str = "completed",
     dataset: str = "fashion_mnist", metrics: dict[str, float] | None = None, **fields: Any,
 ) -> dict[str, Any]:
-    """One result record; `acc` is test/acc1 (None leaves it out), `fields` override top-level keys."""
+    """One result record of the current schema version; `acc` is test/acc1 (None leaves it out).
+
+    `fields` override top-level keys; the result must still pass `common.schema.check`.
+    """
     spec = {"model": model, "dataset": dataset, "train_fraction": train_fraction, "seed": seed,
             "data_seed": 0, "pretraining": pretraining, "pretrain_size": pretrain_size or 0,
             "lr": 1e-3, "batch_size": 128, "role": "train"}
@@ -29,7 +50,7 @@ def make_result(
     all_metrics.update(metrics or {})
     flops = 1.0e9 if ARCH[model] == "cnn" else 2.0e8
     record = {
-        "schema_version": 1, "run_id": run_id, "sweep": SWEEP, "status": status,
+        "schema_version": schema.SCHEMA_VERSION, "run_id": run_id, "sweep": SWEEP, "status": status,
         "error": None if status == "completed" else f"{status}: loss is nan",
         "model": model, "arch": ARCH[model], "dataset": dataset, "train_fraction": train_fraction,
         "seed": seed, "data_seed": 0, "pretraining": pretraining, "pretrain_size": pretrain_size,
@@ -37,6 +58,7 @@ def make_result(
         "subset_hash": "0123456789abcdef", "spec": spec,
         "selected": {"step": 100, "epoch": 2, "val/acc1": acc, "val/loss": 0.4},
         "metrics": all_metrics if status == "completed" else {},
+        "architecture": ARCHITECTURE[model],
         "params": 23_528_522 if ARCH[model] == "cnn" else 1_200_000,
         "flops_per_image": flops, "train_steps": 100, "train_images_seen": 12_800,
         "train_flops": 3 * flops * 12_800, "train_images_per_s": 300.0 if ARCH[model] == "cnn" else 900.0,
@@ -45,6 +67,9 @@ def make_result(
         "hostname": "box", "started_at": "2026-11-26T22:00:00+00:00", "finished_at": "2026-11-26T22:03:51+00:00",
     }
     record.update(fields)
+    schema.check(record)
+    unknown = set(record) - set(schema.FIELDS) - set(schema.SECTIONS)
+    assert not unknown, f"keys unknown to common.schema: {sorted(unknown)}"
     return record
 
 
@@ -60,6 +85,12 @@ def write_result(runs_dir: Path, record: dict[str, Any] | str, run_id: str | Non
 def write_runs(runs_dir: Path, records: list[dict[str, Any]]) -> list[Path]:
     """Write several records."""
     return [write_result(runs_dir, r) for r in records]
+
+
+def runs_of(runs_dir: Path, records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Write `records` under `runs_dir` and collect them back: the runs frame the analysis works on."""
+    write_runs(runs_dir, records)
+    return collect.collect(runs_dir, SWEEP).runs
 
 
 def small_sweep() -> list[dict[str, Any]]:

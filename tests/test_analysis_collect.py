@@ -7,19 +7,20 @@ import logging
 import math
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
-from analysis_fixtures import SWEEP, make_result, small_sweep, write_result, write_runs
+from analysis_fixtures import SWEEP, make_result, runs_of, small_sweep, write_result, write_runs
 
 from analysis import collect
+from common import schema
 
 
 def test_one_row_per_run_with_flattened_sections(tmp_path):
-    write_runs(tmp_path, small_sweep())
-    runs = collect.collect_runs(tmp_path, SWEEP)
+    runs = runs_of(tmp_path, small_sweep())
     assert len(runs) == len(small_sweep())
-    assert list(runs.columns[: len(collect.FIELDS)]) == list(collect.FIELDS)
-    for col in ("role", "path", "test/acc1", "test/acc5", "selected/val/acc1", "selected/step",
-                "versions/python", "spec/lr", "spec/role"):
+    assert list(runs.columns[: len(schema.FIELDS) + 1]) == [*schema.FIELDS, "path"]
+    for col in ("test/acc1", "test/acc5", "selected/val/acc1", "selected/step", "architecture/patch_size",
+                "architecture/timm_name", "versions/python", "spec/lr", "spec/role"):
         assert col in runs.columns
     assert str(runs["seed"].dtype) == "Int64" and str(runs["pretrain_size"].dtype) == "Int64"
     assert set(runs["role"]) == {"train"}
@@ -27,16 +28,42 @@ def test_one_row_per_run_with_flattened_sections(tmp_path):
     assert first["path"] == f"{SWEEP}/{first['run_id']}/result.json"
 
 
+def test_sections_follow_the_schema_order(tmp_path):
+    runs = runs_of(tmp_path, [{**make_result(), "run_note": "unknown to the schema"}])
+    rest = list(runs.columns[len(schema.FIELDS) + 1:])
+    assert rest[0] == "run_note"  # an unknown top-level scalar: kept, before the sections
+    first_column = {"selected": "selected/epoch", "metrics": "test/acc1", "architecture": "architecture/drop_path_rate",
+                    "versions": "versions/python", "spec": "spec/batch_size"}
+    positions = [rest.index(first_column[section]) for section in schema.SECTIONS]
+    assert positions == sorted(positions)
+    assert all(rest[p - 1] < rest[p] for p in range(1, len(rest)) if p not in positions)  # sorted within each
+
+
+def test_nested_architecture_values_become_json_text(tmp_path):
+    arch = {"timm_name": "resnet50", "layers": [3, 4, 6, 3], "block_args": {"attn_layer": None}}
+    runs = runs_of(tmp_path, [make_result(architecture=arch)])
+    assert runs.loc[0, "architecture/layers"] == "[3, 4, 6, 3]"
+    assert runs.loc[0, "architecture/block_args"] == '{"attn_layer": null}'
+
+
+def test_schema_version_1_files_are_still_read(tmp_path):
+    old = make_result(seed=1, dataset="fractaldb", schema_version=1)
+    del old["architecture"], old["role"]  # version 1 had no architecture section
+    old["spec"]["role"] = "pretrain"  # a record without a top-level role takes its spec's
+    runs = runs_of(tmp_path, [old, make_result(seed=2)]).set_index("seed")
+    assert list(runs.loc[[1, 2], "schema_version"]) == [1, 2]
+    assert list(runs.loc[[1, 2], "role"]) == ["pretrain", "train"]
+    assert pd.isna(runs.loc[1, "architecture/timm_name"]) and runs.loc[2, "architecture/timm_name"] == "resnet50"
+
+
 def test_rows_are_sorted_by_model_condition_fraction_seed(tmp_path):
-    write_runs(tmp_path, small_sweep())
-    runs = collect.collect_runs(tmp_path, SWEEP)
+    runs = runs_of(tmp_path, small_sweep())
     keys = list(zip(runs["model"], runs["pretraining"], runs["train_fraction"], runs["seed"]))
     assert keys == sorted(keys)
 
 
 def test_missing_metric_is_nan_and_failed_run_is_kept(tmp_path):
-    write_runs(tmp_path, small_sweep())
-    runs = collect.collect_runs(tmp_path, SWEEP)
+    runs = runs_of(tmp_path, small_sweep())
     no_acc = runs[(runs["pretraining"] == "fractaldb") & (runs["train_fraction"] == 0.1)]
     assert len(no_acc) == 1 and math.isnan(no_acc["test/acc1"].iloc[0])
     assert sorted(runs["status"].value_counts().items()) == [("completed", 11), ("diverged", 1), ("failed", 1)]
@@ -55,7 +82,9 @@ BAD = {
     "bad_status": ({**make_result(seed=10), "status": "running"}, "status='running'"),
     "bad_metric": ({**make_result(seed=11), "metrics": {"test/acc1": "high"}}, "metrics['test/acc1']"),
     "bad_fraction": ({**make_result(seed=12), "train_fraction": 1.5}, "not in (0, 1]"),
-    "future_schema": ({**make_result(seed=13), "schema_version": 2}, "schema_version=2"),
+    "future_schema": ({**make_result(seed=13), "schema_version": max(schema.SCHEMA_VERSIONS) + 1},
+                      f"schema_version={max(schema.SCHEMA_VERSIONS) + 1}"),
+    "bad_role": ({**make_result(seed=14), "role": "upstream"}, "role='upstream'"),
 }
 
 
@@ -86,15 +115,14 @@ def test_upstream_pretraining_run_gets_role_pretrain(tmp_path):
     upstream = make_result("vit_tiny_p8", 1.0, dataset="fractaldb", acc=0.3)
     target = make_result("vit_tiny_p8", 0.01, pretraining="fractaldb", pretrain_size=12800,
                          pretrained_from=upstream["run_id"])
-    write_runs(tmp_path, [upstream, target])
-    runs = collect.collect_runs(tmp_path, SWEEP).set_index("run_id")
+    runs = runs_of(tmp_path, [upstream, target]).set_index("run_id")
     assert runs.loc[upstream["run_id"], "role"] == "pretrain"
     assert runs.loc[target["run_id"], "role"] == "train"
 
 
 def test_role_is_read_from_the_result(tmp_path):
-    write_runs(tmp_path, [make_result(dataset="fractaldb", role="pretrain"), make_result()])
-    assert sorted(collect.collect_runs(tmp_path, SWEEP)["role"]) == ["pretrain", "train"]
+    assert sorted(runs_of(tmp_path, [make_result(dataset="fractaldb", role="pretrain"), make_result()])["role"]) \
+        == ["pretrain", "train"]
 
 
 def test_sweep_selects_its_folder(tmp_path):
@@ -102,33 +130,21 @@ def test_sweep_selects_its_folder(tmp_path):
     other = tmp_path / "other" / "abc" / "result.json"
     other.parent.mkdir(parents=True)
     other.write_text(json.dumps(make_result(seed=5, sweep="other")))
-    assert len(collect.collect_runs(tmp_path, SWEEP)) == 1
-    assert len(collect.collect_runs(tmp_path)) == 2
-    assert collect.collect_runs(tmp_path, "missing").empty
+    assert len(collect.collect(tmp_path, SWEEP).runs) == 1
+    assert len(collect.collect(tmp_path).runs) == 2
+    assert collect.collect(tmp_path, "missing").runs.empty
 
 
 def test_save_runs_is_atomic_and_deterministic(tmp_path):
     write_runs(tmp_path / "runs", small_sweep())
-    runs = collect.collect_runs(tmp_path / "runs", SWEEP)
+    runs = collect.collect(tmp_path / "runs", SWEEP).runs
     path = collect.save_runs(runs, tmp_path / "results", SWEEP)
     first = path.read_bytes()
-    collect.save_runs(collect.collect_runs(tmp_path / "runs", SWEEP), tmp_path / "results", SWEEP)
+    collect.save_runs(collect.collect(tmp_path / "runs", SWEEP).runs, tmp_path / "results", SWEEP)
     assert path == tmp_path / "results" / SWEEP / "runs.csv"
     assert path.read_bytes() == first
     assert [p.name for p in path.parent.iterdir()] == ["runs.csv"]  # no temp file left
     assert first.decode().splitlines()[0].startswith("schema_version,run_id,sweep,status")
-
-
-def test_cli_writes_csv_and_exits_2_without_runs(tmp_path, capsys):
-    write_runs(tmp_path / "runs", small_sweep())
-    args = ["--runs-dir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
-    assert collect.main(["--sweep", SWEEP, *args]) == 0
-    assert (tmp_path / "results" / SWEEP / "runs.csv").exists()
-    with pytest.raises(SystemExit) as exit_info:
-        collect.main(["--sweep", "empty", *args])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no runs for sweep 'empty'")
 
 
 class FakeApi:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-
-import pandas as pd
 import pytest
-from analysis_fixtures import SWEEP, make_result, power_law_sweep, small_sweep, write_runs
+from analysis_fixtures import make_result, power_law_sweep, runs_of, small_sweep
 from matplotlib.collections import PolyCollection
 
-from analysis import collect, plots
-
-
-def runs_of(tmp_path, records) -> pd.DataFrame:
-    write_runs(tmp_path, records)
-    return collect.collect_runs(tmp_path, SWEEP)
+from analysis import plots
+from analysis.outputs import NoData
 
 
 def labelled_lines(ax) -> list[str]:
@@ -56,7 +49,7 @@ def test_no_bands_with_a_single_seed(tmp_path):
 
 def test_no_completed_runs_means_no_figure(tmp_path):
     runs = runs_of(tmp_path, [make_result(status="failed", acc=None)])
-    with pytest.raises(plots.NoData):
+    with pytest.raises(NoData):
         plots.plot_data_efficiency(runs)
 
 
@@ -68,12 +61,12 @@ def test_pretraining_effect(tmp_path):
 
 
 def test_pretraining_effect_skipped_without_pretraining(tmp_path):
-    with pytest.raises(plots.NoData, match="no pretrained runs"):
+    with pytest.raises(NoData, match="no pretrained runs"):
         plots.plot_pretraining_effect(runs_of(tmp_path, power_law_sweep()))
 
 
 def test_pretraining_scale_needs_two_sizes(tmp_path):
-    with pytest.raises(plots.NoData, match=">= 2 pretraining-set sizes"):
+    with pytest.raises(NoData, match=">= 2 pretraining-set sizes"):
         plots.plot_pretraining_scale(runs_of(tmp_path / "one", small_sweep()))
     records = small_sweep() + [make_result(m, 0.01, s, 0.85, "fractaldb", 50_000)
                                for m in ("resnet50", "vit_tiny_p8") for s in (0, 1)]
@@ -84,7 +77,7 @@ def test_pretraining_scale_needs_two_sizes(tmp_path):
 
 
 def test_generalization_skipped_without_metrics(tmp_path):
-    with pytest.raises(plots.NoData, match="neither"):
+    with pytest.raises(NoData, match="neither"):
         plots.plot_generalization(runs_of(tmp_path, small_sweep()))
 
 
@@ -113,15 +106,3 @@ def test_save_figure_is_byte_reproducible(tmp_path):
     assert [p.name for p in first] == ["fig.png", "fig.pdf"]
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
     assert first[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and first[1].read_bytes()[:5] == b"%PDF-"
-
-
-def test_plots_cli_writes_figures_and_skips_empty_ones(tmp_path, caplog):
-    write_runs(tmp_path / "runs", small_sweep())
-    with caplog.at_level(logging.INFO, logger="analysis.plots"):
-        assert plots.main(["--sweep", SWEEP, "--runs-dir", str(tmp_path / "runs"),
-                           "--results-dir", str(tmp_path / "results")]) == 0
-    names = sorted(p.name for p in (tmp_path / "results" / SWEEP / "figures").iterdir())
-    assert names == [f"{stem}.{ext}" for stem in ("fig1_data_efficiency", "fig2_pretraining_effect", "fig5_cost")
-                     for ext in ("pdf", "png")]
-    assert "figure fig3_pretraining_scale skipped: no pretraining source with >= 2" in caplog.text
-    assert "figure fig4_generalization skipped: runs carry neither" in caplog.text

@@ -7,16 +7,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from analysis_fixtures import FULL_TRAIN, SWEEP, make_result, power_law_sweep, small_sweep, write_runs
+from analysis_fixtures import FULL_TRAIN, make_result, power_law_sweep, runs_of, small_sweep
 from scipy import optimize
 from scipy import stats as sps
 
-from analysis import collect, stats
-
-
-def runs_of(tmp_path, records) -> pd.DataFrame:
-    write_runs(tmp_path, records)
-    return collect.collect_runs(tmp_path, SWEEP)
+from analysis import stats
 
 
 def scipy_ci(values) -> tuple[float, float]:

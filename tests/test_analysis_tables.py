@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from analysis_fixtures import SWEEP, make_result, small_sweep, write_runs
+from analysis_fixtures import make_result, runs_of, small_sweep
 
-from analysis import collect, tables
+from analysis import tables
+from analysis.outputs import NoData
 
 
 @pytest.fixture
 def runs(tmp_path) -> pd.DataFrame:
-    write_runs(tmp_path, small_sweep())
-    return collect.collect_runs(tmp_path, SWEEP)
+    return runs_of(tmp_path, small_sweep())
 
 
 def texts(table: tables.Table) -> list[list[str]]:
@@ -58,17 +58,17 @@ def test_pretraining_table(runs):
 
 
 def test_pretraining_table_skipped_without_pretraining(tmp_path):
-    write_runs(tmp_path, [make_result("resnet50"), make_result("vit_tiny_p8")])
-    with pytest.raises(tables.NoData, match="no pretrained runs"):
-        tables.pretraining_table(collect.collect_runs(tmp_path, SWEEP))
+    runs = runs_of(tmp_path, [make_result("resnet50"), make_result("vit_tiny_p8")])
+    with pytest.raises(NoData, match="no pretrained runs"):
+        tables.pretraining_table(runs)
 
 
 def test_generalization_table_fills_what_exists(tmp_path):
     corr = {"corrupt/noise/1/acc1": 0.7, "corrupt/noise/2/acc1": 0.6, "test/ece": 0.031}
     vit_corr = {"corrupt/noise/1/acc1": 0.6, "corrupt/noise/2/acc1": 0.5, "test/ece": 0.052}
-    write_runs(tmp_path, [make_result("resnet50", metrics=corr), make_result("vit_tiny_p8", acc=0.7,
-                                                                               metrics=vit_corr)])
-    table = tables.generalization_table(collect.collect_runs(tmp_path, SWEEP))
+    runs = runs_of(tmp_path, [make_result("resnet50", metrics=corr), make_result("vit_tiny_p8", acc=0.7,
+                                                                                 metrics=vit_corr)])
+    table = tables.generalization_table(runs)
     assert column(table, "Model") == ["resnet50", "vit_tiny_p8"]
     assert column(table, "Mean corrupted acc. (%)") == ["65.0 ± n/a (n=1)", "55.0 ± n/a (n=1)"]
     assert column(table, "mCE (%)") == ["100.0 ± n/a (n=1)", f"{100 * 0.9 / 0.7:.1f} ± n/a (n=1)"]
@@ -111,11 +111,3 @@ def test_write_tables_writes_md_and_tex_and_removes_stale(tmp_path, runs):
     assert list(skipped) == ["table2_pretraining"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         f"{t.name}.{ext}" for t in built for ext in ("md", "tex"))
-
-
-def test_tables_cli(tmp_path):
-    write_runs(tmp_path / "runs", small_sweep())
-    assert tables.main(["--sweep", SWEEP, "--runs-dir", str(tmp_path / "runs"),
-                        "--results-dir", str(tmp_path / "results")]) == 0
-    assert sorted(p.name for p in (tmp_path / "results" / SWEEP).iterdir()) == ["tables"]
-    assert len(list((tmp_path / "results" / SWEEP / "tables").iterdir())) == 8
