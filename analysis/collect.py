@@ -28,7 +28,7 @@ import pandas as pd
 
 from common import files
 from common.schema import (FIELDS, METRIC_PREFIXES, SCHEMA_VERSION, SECTIONS, ResultError, check,
-                           check_scalar)
+                           check_scalar, is_number)
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ class Collection:
 
 
 # ------------------------------------------------------------------ rows
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _is_metric(column: str) -> bool:
     return column.startswith(METRIC_PREFIXES)
 
@@ -211,10 +207,10 @@ def wandb_record(run: Any, sweep: str) -> dict[str, Any]:
     record.setdefault("run_id", run.id)
     record.setdefault("sweep", sweep)
     record.setdefault("status", _WANDB_STATES.get(getattr(run, "state", ""), getattr(run, "state", None)))
-    record["metrics"] = {k: v for k, v in summary.items() if _is_metric(k) and _is_number(v)}
+    record["metrics"] = {k: v for k, v in summary.items() if _is_metric(k) and is_number(v)}
     selected = SECTIONS["selected"]
     record["selected"] = {k.removeprefix(selected): v for k, v in summary.items()
-                          if k.startswith(selected) and _is_number(v)}
+                          if k.startswith(selected) and is_number(v)}
     record["spec"] = config
     return record
 

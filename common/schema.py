@@ -85,7 +85,8 @@ class ResultError(ValueError):
     """A result record breaks the contract; str() is one line naming the key."""
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A real number (bool excluded)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -95,9 +96,9 @@ def check_scalar(name: str, value: Any, kind: str) -> Any:
         return value
     if kind == "bool" and isinstance(value, bool):
         return value
-    if kind == "number" and _is_number(value):
+    if kind == "number" and is_number(value):
         return value
-    if kind == "int" and _is_number(value) and math.isfinite(value) and float(value).is_integer():
+    if kind == "int" and is_number(value) and math.isfinite(value) and float(value).is_integer():
         return int(value)
     raise ResultError(f"{name}={value!r} is not {'an' if kind == 'int' else 'a'} {kind}")
 
@@ -132,5 +133,5 @@ def check(record: Any) -> None:
             raise ResultError(f"{name} is {type(section).__name__}, not an object")
         if name == "metrics":
             for key, value in section.items():
-                if not (value is None or _is_number(value)):
+                if not (value is None or is_number(value)):
                     raise ResultError(f"metrics[{key!r}]={value!r} is not a number")
