@@ -364,8 +364,12 @@ def erf_profile(net: nn.Module, images: Tensor, layers: Sequence[ProbeLayer] | N
                 share: float = 0.95) -> list[ErfRow]:
     """How far each layer looks: the effective receptive field of every probed layer.
 
+    Measure trained nets: an untrained timm ResNet has each block's last
+    BatchNorm at zero (`zero_init_last`), so every residual branch outputs 0
+    and deep layers only see the stem through the strided shortcuts.
+
     Args:
-        net: our `VisionTransformer` or a timm ResNet (any net with `layers`).
+        net: our `VisionTransformer` or a timm ResNet; any net when `layers` is given.
         images: (B, C, H, W), e.g. test images (the ERF depends on the input).
         layers: the layers to probe; default `probe_layers(net)`.
         share: the mass share that defines the width (`erf_size`).
@@ -403,9 +407,9 @@ def _resnet_stage_sides(net: ResNet, images: Tensor) -> dict[str, int]:
 def gradcam_layer(net: nn.Module, images: Tensor, cnn_stage: str | None = None) -> tuple[str, nn.Module]:
     """The layer Grad-CAM reads, by net type.
 
-    Our ViT: `encoder.blocks[-1].norm1` (after the last block only the class
-    token reaches the logits, so the last block's input is the last place where
-    patch tokens carry gradient). A timm ResNet: the last block of a stage,
+    Our ViT: `encoder.blocks[-1].norm1`, as in the grad-cam tutorials (with
+    pool="token" only the class token of the last block's output reaches the
+    logits, so its patch tokens carry no gradient). A timm ResNet: the last block of a stage,
     `layer4[-1]` as is standard when its map is at least
     `MIN_GRADCAM_SIDE` x `MIN_GRADCAM_SIDE`; on smaller images (layer4 is 1 x 1
     at 32 px, which Grad-CAM cannot localise on) the deepest stage whose map is.
