@@ -514,7 +514,6 @@ class VisionTransformer(nn.Module):
                 handle.remove()
             for attention, fused in zip(attentions, was_fused):
                 attention.fused = fused
-        order = ["patches", "patch_tokens", "tokens", *outputs_of.keys() - {"patches", "patch_tokens", "features"}]
         return {**recorded, "logits": logits}
 
     def attention_maps(self, images: Tensor) -> list[Tensor]:
