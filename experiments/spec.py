@@ -37,10 +37,10 @@ PLACEMENT_FIELDS = ("sweep", "data_dir", "weights_file", "wandb", "num_workers")
 
 PROFILES: dict[str, dict[str, Any]] = {
     # 2 cores, no GPU, no network: Fashion-MNIST at 32 px, small ViT vs ResNet50.
-    # 250 steps of 128 (~3 min for ResNet50) is about half an epoch of the full
-    # pool: no image is seen twice, so augmentation cannot fight overfitting and
-    # only makes the task harder (measured, benchmarks/RESULTS.md: random crop +
-    # flip cost ResNet50 4.5 points and the ViT 12.5 at this budget).
+    # The step cap keeps a run to minutes on 2 cores and stays under one epoch of
+    # the full pool: no image is seen twice, so augmentation cannot fight
+    # overfitting and only makes the task harder, the ViT's more than the CNN's
+    # (measured: benchmarks/RESULTS.md, "The cpu profile's recipe").
     "cpu": dict(
         dataset="fashion_mnist", model="resnet50", img_size=32, batch_size=128,
         epochs=3.0, min_steps=80, max_steps=250, num_evals=4,
