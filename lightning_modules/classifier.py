@@ -2,9 +2,10 @@
 
 AdamW, linear warmup then cosine decay (per step), cross-entropy with label
 smoothing (soft targets when MixUp / CutMix are on), and one weight-decay
-rule for every net: a parameter is exempt iff it is 1-D (biases, norm scales
-and shifts) or the net names it in `no_weight_decay()` (a ViT's position
-embedding and class token). Metrics come from torchmetrics.
+rule for every net, timm's `param_groups_weight_decay`: a parameter is exempt
+iff it is 1-D or a bias (biases, norm scales and shifts) or the net names it
+in `no_weight_decay()` (a ViT's position embedding and class token). Metrics
+come from torchmetrics.
 """
 
 from __future__ import annotations
@@ -15,27 +16,13 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 
 def prefers_channels_last(net: nn.Module) -> bool:
     """Whether `net` has convolutions, which run faster channels-last (a memory layout, not a change of the math)."""
     return any(isinstance(m, nn.Conv2d) for m in net.modules())
-
-
-def decay_groups(net: nn.Module) -> tuple[list[str], list[str]]:
-    """Split parameter names by the one no-weight-decay rule.
-
-    Returns:
-        (decayed, exempt) parameter names.
-    """
-    named_exempt = set(net.no_weight_decay()) if hasattr(net, "no_weight_decay") else set()
-    decayed, exempt = [], []
-    for name, param in net.named_parameters():
-        if not param.requires_grad:
-            continue
-        (exempt if param.ndim <= 1 or name in named_exempt else decayed).append(name)
-    return decayed, exempt
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -122,13 +109,12 @@ class ImageClassifier(pl.LightningModule):
 
     # ---------------------------------------------------------------- optim
     def configure_optimizers(self) -> dict:
-        decayed, exempt = decay_groups(self.net)
-        params = dict(self.net.named_parameters())
-        optimizer = torch.optim.AdamW(
-            [{"params": [params[n] for n in decayed], "weight_decay": self.hparams.weight_decay},
-             {"params": [params[n] for n in exempt], "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=self.hparams.betas)
         hp = self.hparams
+        exempt = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else ()
+        groups = param_groups_weight_decay(self.net, hp.weight_decay, no_weight_decay_list=exempt)
+        # the decayed group first, as the optimizer's state in existing checkpoints has it
+        groups.sort(key=lambda group: group["weight_decay"] == 0)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.total_steps, hp.warmup_steps, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
