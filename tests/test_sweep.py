@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -165,14 +166,12 @@ BAD = {
 def test_bad_sweep_fails_fast_with_one_line(case: str, tmp_path: Path) -> None:
     config, needles = BAD[case]
     path = write_sweep(tmp_path / "bad.yaml", config)
-    t0 = time.perf_counter()
-    proc = sweep_cli(path, "--runs-dir", tmp_path / "runs")
-    seconds = time.perf_counter() - t0
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    line = proc.stderr.strip()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([str(path), "--runs-dir", str(tmp_path / "runs")], out=out) == 2
+    assert out.getvalue() == "" and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+    line = err.getvalue().strip()
     assert line.startswith(f"{path}: ") and all(n in line for n in needles), line
-    assert seconds < 3.0  # interpreter start included; validation itself takes milliseconds
     assert not (tmp_path / "runs").exists()
 
 
@@ -246,6 +245,7 @@ def test_failed_runs_are_skipped_unless_retried(tmp_path: Path, monkeypatch: pyt
 
 
 # ------------------------------------------------------------------ interruption and sharing
+@pytest.mark.slow
 def test_killed_sweep_resumes_to_exactly_the_expanded_runs(tmp_path: Path) -> None:
     expected = {s.run_id for s in load_sweep(TINY).ordered}
     interrupted: set[str] = set()
@@ -283,6 +283,7 @@ def test_killed_sweep_resumes_to_exactly_the_expanded_runs(tmp_path: Path) -> No
     assert all(run_id in summary for run_id in expected) and "test/acc1" in summary
 
 
+@pytest.mark.slow
 def test_two_runners_on_one_sweep_train_each_run_once(tmp_path: Path) -> None:
     sweep = load_sweep(write_sweep(tmp_path / "tiny.yaml", tiny_config(train_fraction={"value": 0.5})))
     runs, expected = tmp_path / "runs", {s.run_id for s in sweep.ordered}
@@ -312,6 +313,7 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 # ------------------------------------------------------------------ SLURM (submitit)
+@pytest.mark.slow
 def test_submitit_local_array_runs_to_completion(tmp_path: Path) -> None:
     config = tiny_config(pretraining={"value": "none"}, min_steps={"value": 4}, max_steps={"value": 4},
                          num_evals={"value": 2})
