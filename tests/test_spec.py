@@ -167,3 +167,11 @@ def test_bad_architecture_overrides_name_field_value_and_allowed(overrides: dict
     message = str(err.value)
     assert "\n" not in message and f"invalid {field}=" in message and value in message and allowed in message
 
+
+def test_benchmark_candidates_are_distinct_runs() -> None:
+    from benchmarks.cpu_vit_size import CANDIDATES
+
+    ids = {name: RunSpec.create("cpu", model="vit_tiny_p8", img_size=28 if name.startswith("p7") else 32,
+                                **overrides).run_id for name, overrides in CANDIDATES.items()}
+    assert len(set(ids.values())) == len(ids)
+    assert ids["p8_d256_L4"] == RunSpec.create("cpu", model="vit_tiny_p8").run_id  # the registry's own net
