@@ -155,9 +155,13 @@ class RunDir:
         return sorted(self.logs.glob("attempt*.json"), key=lambda p: int(p.stem.removeprefix("attempt")))
 
     def start_attempt(self, resumed_at_step: int) -> str:
-        """Record a start of the run at `resumed_at_step`; return its name (`attemptN`, the CSV logger's version)."""
+        """Record a start of the run at `resumed_at_step`; return its name (`attemptN`, the CSV logger's version).
+
+        Only rank 0 records it: under DDP the other ranks start too, and must not count as attempts.
+        """
         name = f"attempt{len(self.attempts())}"
-        files.write_json(self.logs / f"{name}.json", {"step": resumed_at_step})
+        if ddp_rank() == 0:
+            files.write_json(self.logs / f"{name}.json", {"step": resumed_at_step})
         return name
 
     def merge_metrics(self) -> None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from common.files import Busy
+from common.files import Busy, atomic_write
 from common.schema import SCHEMA_VERSION
 from experiments.rundir import RunDir, ddp_rank
 from experiments.spec import PROFILES, RunSpec, SpecError
@@ -406,7 +406,8 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     metrics["train/acc1"] = float(train_eval["train/acc1"])
     metrics["train/loss"] = train_loss
     if spec.role == "pretrain" and ddp_rank() == 0:
-        torch.save(built.module.net.state_dict(), rundir.model_pt)
+        state = built.module.net.state_dict()
+        atomic_write(rundir.model_pt, lambda fh: torch.save(state, fh))
     flops = built.flops_per_image
     out.update(status="completed", selected=selected, metrics=metrics, train_steps=steps_done,
                train_images_seen=seen, train_flops=3.0 * flops * seen,

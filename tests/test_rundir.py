@@ -73,16 +73,20 @@ def test_lock_is_exclusive_across_processes_and_seen_by_is_locked(tmp_path: Path
         pass
 
 
-def test_ddp_ranks_after_the_first_take_no_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ddp_ranks_after_the_first_take_no_lock_and_record_no_attempt(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     rundir = RunDir(tmp_path / "adhoc" / "abc")
     for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(key, raising=False)
     with file_lock(rundir.lock_path):  # rank 0 (or another runner) holds it
         with pytest.raises(Busy), rundir.lock(blocking=False):
             pass
+        assert rundir.start_attempt(0) == "attempt0"
         monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank that Lightning or srun started
         with rundir.lock(blocking=False):
             pass
+        rundir.start_attempt(0)
+        assert len(rundir.attempts()) == 1  # rank 0's only
 
 
 def test_resumed_attempts_merge_into_one_metrics_csv(tmp_path: Path) -> None:
