@@ -7,6 +7,12 @@ of the SHA-256 of its canonical JSON (placement fields such as the sweep name,
 data directory or W&B mode are left out, so the same experiment has the same
 id everywhere).
 
+The net is the registry's (`lightning_modules.catalog.MODELS`) unless the
+spec overrides its architecture: a ViT through the fields named in
+`ARCH_FIELDS` (`patch_size`, `pos_embed`, `pool`, ...; None = the
+registry's value), a CNN through `model_kwargs` (keyword arguments for
+`timm.create_model`). Each is a sweep parameter and a command-line flag.
+
 This module imports no torch, so a bad spec fails in milliseconds.
 """
 
@@ -19,7 +25,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from common.schema import PLACEMENT_FIELDS
 from lightning_modules.catalog import DATASETS, MODELS, PRETRAINING_SOURCES
+from lightning_modules.vit_config import ARCH_FIELDS, ConfigError
 
 
 class SpecError(ValueError):
@@ -31,16 +39,12 @@ class SpecError(ValueError):
         super().__init__(f"{prefix}invalid {field_name}={value!r} (allowed: {allowed})")
 
 
-# Fields that say where or how a run is placed/logged, not what it computes:
-# they are left out of run_id.
-PLACEMENT_FIELDS = ("sweep", "data_dir", "weights_file", "wandb", "num_workers")
-
 PROFILES: dict[str, dict[str, Any]] = {
     # 2 cores, no GPU, no network: Fashion-MNIST at 32 px, small ViT vs ResNet50.
-    # 250 steps of 128 (~3 min for ResNet50) is about half an epoch of the full
-    # pool: no image is seen twice, so augmentation cannot fight overfitting and
-    # only makes the task harder (measured, benchmarks/RESULTS.md: random crop +
-    # flip cost ResNet50 4.5 points and the ViT 12.5 at this budget).
+    # The step cap keeps a run to minutes on 2 cores and stays under one epoch of
+    # the full pool: no image is seen twice, so augmentation cannot fight
+    # overfitting and only makes the task harder, the ViT's more than the CNN's
+    # (measured: benchmarks/RESULTS.md, "The cpu profile's recipe").
     "cpu": dict(
         dataset="fashion_mnist", model="resnet50", img_size=32, batch_size=128,
         epochs=3.0, min_steps=80, max_steps=250, num_evals=4,
@@ -67,6 +71,8 @@ PROFILES["cluster"] = {**PROFILES["gpu"], "devices": 4, "batch_size": 1024, "lr"
 AUGMENTS = ("none", "basic", "randaug")
 PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 WANDB_MODES = ("auto", "online", "offline", "off")
+# timm.create_model arguments that the spec sets itself (from dataset, in_chans, drop_path, pretraining).
+SPEC_SET_KWARGS = ("num_classes", "in_chans", "drop_path_rate", "pretrained", "pretrained_cfg_overlay")
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,18 @@ class RunSpec:
     precision: str
     devices: int
     grad_clip: float
+    # architecture overrides (None / empty: the registry's net). ViT fields, named as ARCH_FIELDS:
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    pos_embed: str | None = None
+    pool: str | None = None
+    class_token: bool | None = None
+    # CNNs: keyword arguments for timm.create_model (left out of hash(spec), which a dict cannot enter;
+    # run_id includes it)
+    model_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
     # placement (not part of run_id)
     sweep: str = "adhoc"
     data_dir: str | None = None
@@ -149,7 +167,9 @@ class RunSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError("field", unknown[0], "one of " + ", ".join(sorted(known)))
-        missing = sorted(known - set(data) - {f.name for f in fields(cls) if f.default is not dataclasses.MISSING})
+        required = {f.name for f in fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
         if missing:
             raise SpecError(missing[0], None, "a value (field missing)")
         spec = cls(**data)
@@ -166,8 +186,22 @@ class RunSpec:
 
     # --------------------------------------------------------------- identity
     def canonical(self) -> dict[str, Any]:
-        """The fields that define the computation (what run_id hashes)."""
-        return {k: v for k, v in sorted(self.to_dict().items()) if k not in PLACEMENT_FIELDS}
+        """The fields that define the computation (what run_id hashes).
+
+        Architecture overrides that are unset, or equal to the registry's own
+        value, are left out: one net has one id, and the ids of runs made
+        before overrides existed stay what they were.
+        """
+        registry = MODELS[self.model].vit
+        values = {k: v for k, v in sorted(self.to_dict().items()) if k not in PLACEMENT_FIELDS}
+        for name in ARCH_FIELDS:
+            if values[name] is None or (registry is not None and values[name] == getattr(registry, name)):
+                del values[name]
+            elif name == "mlp_ratio":
+                values[name] = float(values[name])  # 2 and 2.0 are one net
+        if not values["model_kwargs"]:
+            del values["model_kwargs"]
+        return values
 
     @property
     def run_id(self) -> str:
@@ -177,6 +211,16 @@ class RunSpec:
     @property
     def arch(self) -> str:
         return MODELS[self.model].arch
+
+    @property
+    def vit_overrides(self) -> dict[str, Any]:
+        """The ViT fields (ARCH_FIELDS) this spec sets: {name: value}."""
+        return {name: getattr(self, name) for name in ARCH_FIELDS if getattr(self, name) is not None}
+
+    @property
+    def net_overrides(self) -> dict[str, Any]:
+        """What `build_model(overrides=...)` takes: the set ViT fields for a ViT, `model_kwargs` for a CNN."""
+        return self.vit_overrides if self.arch == "vit" else dict(self.model_kwargs)
 
     @property
     def net_in_chans(self) -> int:
@@ -295,3 +339,45 @@ class RunSpec:
         need(v.wandb in WANDB_MODES, "wandb", " | ".join(WANDB_MODES))
         need(is_int(v.num_workers) and v.num_workers >= 0, "num_workers", "an integer >= 0")
         need(v.role in ("train", "pretrain"), "role", "train | pretrain")
+        v.validate_architecture()
+
+    def validate_architecture(self) -> None:
+        """Check the architecture overrides against the registry's net (torch-free).
+
+        ViT fields are applied to the registered ViTConfig at this spec's image
+        size and channels, so a patch size that does not divide the image, or a
+        head count that does not divide the width, fails here. `model_kwargs`
+        can only be checked as data here; `experiments.train.preflight` builds
+        the net (on no device) to check that timm accepts them.
+        """
+        registry = MODELS[self.model].vit
+        if self.vit_overrides and (registry is None or self.pretraining == "imagenet"):
+            name, value = next(iter(self.vit_overrides.items()))
+            vits = ", ".join(model for model, info in MODELS.items() if info.vit is not None)
+            raise SpecError(name, value, f"null for {self.model} (ViT models only: {vits}; a CNN takes model_kwargs)"
+                            if registry is None else
+                            "null with pretraining=imagenet (the ImageNet weights fix the architecture)")
+        if registry is not None:
+            try:
+                registry.replace(img_size=self.img_size, in_chans=self.net_in_chans, drop_path_rate=self.drop_path,
+                                 **self.vit_overrides)
+            except ConfigError as exc:
+                raise SpecError(exc.field_name, exc.value, exc.allowed) from None
+        kwargs = self.model_kwargs
+        if not (isinstance(kwargs, dict) and all(isinstance(k, str) and k.isidentifier() for k in kwargs)):
+            raise SpecError("model_kwargs", kwargs, "a mapping of timm.create_model keyword arguments")
+        if any(value is None for value in kwargs.values()):
+            raise SpecError("model_kwargs", kwargs, "non-null values (timm ignores null ones; in YAML write "
+                                                    "'{drop_rate: 0.1}', with a space after the colon)")
+        if kwargs and registry is not None:
+            raise SpecError("model_kwargs", kwargs, f"{{}} for {self.model} (a ViT takes the fields "
+                                                    f"{', '.join(ARCH_FIELDS)})")
+        taken = sorted(set(kwargs) & set(SPEC_SET_KWARGS))
+        if taken:
+            raise SpecError("model_kwargs", kwargs, "keyword arguments other than "
+                            f"{', '.join(SPEC_SET_KWARGS)} (the spec sets those)")
+        try:
+            json.dumps(kwargs, allow_nan=False)
+        except (TypeError, ValueError):
+            raise SpecError("model_kwargs", kwargs, "JSON values (numbers, strings, booleans, lists, mappings)") \
+                from None

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import itertools
 import multiprocessing
 import multiprocessing.connection
@@ -45,8 +44,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from experiments.rundir import RunDir
 from experiments.spec import PROFILES, RunSpec, SpecError
-from experiments.train import read_result, run_dir_for
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 3
 METHODS = ("grid", "random")
@@ -199,28 +198,15 @@ def _is_int(x: Any) -> bool:
 # ================================================================== run states
 def run_state(spec: RunSpec, runs_dir: Path) -> str:
     """What runs_dir holds for a spec: completed | failed | diverged | running | resumable | pending."""
-    run_dir = run_dir_for(spec, runs_dir)
-    result = read_result(run_dir)
+    rundir = RunDir.of(runs_dir, spec)
+    result = rundir.read_result()
     if result is not None and result["status"] == "completed":
         return "completed"
-    if _is_locked(Path(runs_dir) / spec.sweep / f".{spec.run_id}.lock"):
+    if rundir.is_locked():
         return "running"
     if result is not None:
         return result["status"]
-    return "resumable" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "pending"
-
-
-def _is_locked(lock: Path) -> bool:
-    """Whether a process holds the run's lock now (read-only: creates nothing)."""
-    if not lock.is_file():
-        return False
-    with open(lock) as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+    return "resumable" if rundir.last_ckpt.is_file() else "pending"
 
 
 @dataclass
@@ -243,7 +229,7 @@ def initial_outcomes(sweep: Sweep, runs_dir: Path, retry_failed: bool) -> dict[s
     """Runs that need no work now: completed ones, and failed ones unless retried (by run_id)."""
     outcomes: dict[str, Outcome] = {}
     for spec in sweep.ordered:
-        result = read_result(run_dir_for(spec, runs_dir))
+        result = RunDir.of(runs_dir, spec).read_result()
         if result is None:
             continue
         if result["status"] == "completed":
@@ -517,7 +503,7 @@ class LocalRunner:
         if self.parallel == 1:
             self._run_here(spec, blocking)
             return
-        log = run_dir_for(spec, self.runs_dir) / "train.log"
+        log = RunDir.of(self.runs_dir, spec).worker_log
         log.parent.mkdir(parents=True, exist_ok=True)
         process = multiprocessing.get_context("spawn").Process(
             target=_worker, args=(spec.to_dict(), str(self.runs_dir), self.threads, blocking, str(log)),
@@ -536,7 +522,7 @@ class LocalRunner:
             return
         except Exception as exc:  # noqa: BLE001 - one broken run must not end the sweep
             self.progress.record(Outcome(spec, "failed", f"{type(exc).__name__}: {exc}".splitlines()[0],
-                                         read_result(run_dir_for(spec, self.runs_dir))))
+                                         RunDir.of(self.runs_dir, spec).read_result()))
             return
         self._finish(spec, result, os.getpid(), time.perf_counter() - t0)
 
@@ -551,7 +537,7 @@ class LocalRunner:
             elif code == EXIT_BUSY:
                 self.deferred.append(spec)
             else:
-                result = read_result(run_dir_for(spec, self.runs_dir))
+                result = RunDir.of(self.runs_dir, spec).read_result()
                 if code != 0 or result is None:
                     self.progress.record(Outcome(spec, "failed", f"worker exited with {code}, see {running.log}",
                                                  result))
@@ -732,7 +718,7 @@ class SlurmRunner:
                 try:
                     result, note = job.result(), f"job {job.job_id}"
                 except Exception as exc:  # the job raised, died or was cancelled: its result.json says how
-                    result = read_result(run_dir_for(spec, self.runs_dir))
+                    result = RunDir.of(self.runs_dir, spec).read_result()
                     note = f"job {job.job_id}: {str(exc).strip().splitlines()[-1][:200] if str(exc) else exc!r}"
                 ended = blocking_upstream(spec, self.progress.outcomes)
                 if result is None and ended is not None:

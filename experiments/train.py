@@ -2,14 +2,17 @@
 
     python -m experiments.train --model resnet50 --dataset fashion_mnist \\
         --train-fraction 0.1 --seed 0 [--profile cpu|gpu|cluster] [--max-steps N] \\
-        [--wandb auto|online|offline|off] [--pretraining none|imagenet|fractaldb|DATASET]
+        [--wandb auto|online|offline|off] [--pretraining none|imagenet|fractaldb|DATASET] \\
+        [--patch-size 4 --depth 6 --pos-embed none ...] [--model-kwargs '{drop_rate: 0.1}']
     python -m experiments.train --spec runs/default/3f9c0a1b2d4e/spec.json   # reproduce a run
 
-The run directory holds `spec.json`, `metrics.csv`, `checkpoints/`
-(`best.ckpt` selected on val/acc1, `last.ckpt` for resuming), `wandb/`, and,
-written last and atomically, `result.json` (docs/results.md). Bad input
-fails before any work with one line and exit code 2; a run that breaks
-during training still writes a `failed` result.
+A run goes preflight (every check on the input; the data loaded once) ->
+build (net, module, step budget) -> fit and test -> record (result.json).
+`experiments.rundir` owns the run directory's files: `spec.json`,
+`metrics.csv`, `checkpoints/` (`best.ckpt` selected on val/acc1, `last.ckpt`
+for resuming), `wandb/`, and, written last and atomically, `result.json`
+(docs/results.md). Bad input fails before any work with one line and exit
+code 2; a run that breaks during training still writes a `failed` result.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import platform
@@ -26,62 +28,24 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
+import yaml
+
+from common.files import Busy, atomic_write
+from common.schema import SCHEMA_VERSION
+from experiments.rundir import RunDir, ddp_rank
 from experiments.spec import PROFILES, RunSpec, SpecError
+from lightning_modules.catalog import DATASETS, MODELS
 
-SCHEMA_VERSION = 1
+if TYPE_CHECKING:
+    from lightning_modules.classifier import ImageClassifier
+    from lightning_modules.data import ImageDataModule
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-# ------------------------------------------------------------------ files
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to `path` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_result(run_dir: Path) -> dict[str, Any] | None:
-    """The run's result.json, or None when the run has not finished."""
-    path = run_dir / "result.json"
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def completed_result(run_dir: Path) -> dict[str, Any] | None:
-    """The run's result when it completed; None when unfinished, failed or diverged."""
-    result = read_result(run_dir)
-    return result if result is not None and result.get("status") == "completed" else None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
-    """An exclusive advisory lock (flock) held for the block.
-
-    Raises:
-        BlockingIOError: `blocking=False` and another process holds it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def run_dir_for(spec: RunSpec, runs_dir: Path) -> Path:
-    return Path(runs_dir) / spec.sweep / spec.run_id
 
 
 def git_commit() -> str:
@@ -133,31 +97,87 @@ def wandb_logger(spec: RunSpec, run_dir: Path, mode: str) -> Any:
 
 
 # ------------------------------------------------------------------ preflight
-def preflight(spec: RunSpec) -> Any:
-    """Everything that can fail on bad input, before any work: the data and the weights file.
+@dataclass(frozen=True)
+class Prepared:
+    """A run that passed every check on its input, with its data.
 
-    Returns:
-        The ImageDataModule, loaded and split.
+    Attributes:
+        spec: the run.
+        datamodule: its data (for the run asked for: loaded and split; for its
+            pretraining run: found, split when that run trains).
+    """
+
+    spec: RunSpec
+    datamodule: ImageDataModule
+
+
+def build_datamodule(spec: RunSpec) -> ImageDataModule:
+    """The spec's ImageDataModule (nothing loaded yet): the per-process batch under DDP; FractalDB sized by the
+    pretraining fields and seeded by the run's seed."""
+    from lightning_modules.data import ImageDataModule
+
+    return ImageDataModule(
+        dataset=spec.dataset, img_size=spec.img_size, in_chans=spec.net_in_chans,
+        batch_size=spec.batch_size // spec.devices, train_fraction=spec.train_fraction, val_size=spec.val_size,
+        data_seed=spec.data_seed, augment=spec.augment, mixup_alpha=spec.mixup_alpha,
+        cutmix_alpha=spec.cutmix_alpha, data_dir=spec.data_dir, fractal_classes=spec.pretrain_classes,
+        fractal_size=spec.pretrain_size, fractal_seed=spec.seed, num_workers=spec.num_workers)
+
+
+def check_model_kwargs(spec: RunSpec) -> None:
+    """Build the net on the meta device (no memory, no weights), so that `model_kwargs` timm rejects fail now.
 
     Raises:
-        SpecError: with one line naming the field and value.
+        SpecError: one line naming model_kwargs and timm's complaint.
     """
-    from lightning_modules.data import DataError, ImageDataModule
+    if not spec.model_kwargs:
+        return
+    import torch
+
+    from lightning_modules.models import build_model
+
+    try:
+        with torch.device("meta"):
+            build_model(spec.model, DATASETS[spec.dataset].num_classes or 2, spec.net_in_chans, spec.img_size,
+                        drop_path_rate=spec.drop_path, overrides=spec.model_kwargs)
+    except Exception as exc:  # noqa: BLE001 - the registry's net builds, so the kwargs broke it
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        raise SpecError("model_kwargs", spec.model_kwargs,
+                        f"keyword arguments timm.create_model({MODELS[spec.model].timm_name.split('.')[0]!r}) "
+                        f"accepts; it said {reason}") from None
+
+
+def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
+    """Everything that can fail on bad input, before any work: the weights file, the net's options, the data.
+
+    The run's data is loaded and split here and handed on to training; the
+    pretraining run's data (a dataset, not FractalDB, which is generated) is
+    loaded, so a missing pretraining dataset fails now too.
+
+    Returns:
+        The run, and the pretraining run it fine-tunes from (None without one).
+
+    Raises:
+        SpecError / DataError: with one line naming the field and value.
+    """
+    from lightning_modules.data import DataError
 
     if spec.weights_file is not None and not Path(spec.weights_file).expanduser().is_file():
         raise SpecError("weights_file", spec.weights_file, "an existing timm checkpoint file")
     if spec.weights_file is not None and spec.pretraining != "imagenet":
         raise SpecError("weights_file", spec.weights_file, "only with pretraining=imagenet")
-    datamodule = ImageDataModule.from_spec(spec)
+    check_model_kwargs(spec)
+    datamodule = build_datamodule(spec)
+    upstream_spec = spec.upstream()
+    upstream = Prepared(upstream_spec, build_datamodule(upstream_spec)) if upstream_spec is not None else None
     try:
         datamodule.prepare_data()
         datamodule.setup()
-        upstream = spec.upstream()
-        if upstream is not None and upstream.dataset != "fractaldb":
-            ImageDataModule.from_spec(upstream).prepare_data()
+        if upstream is not None and upstream_spec.dataset != "fractaldb":
+            upstream.datamodule.prepare_data()
     except ValueError as exc:  # DataError, and bad split sizes
         raise SpecError("dataset", spec.dataset, str(exc)) if not isinstance(exc, DataError) else exc
-    return datamodule
+    return Prepared(spec, datamodule), upstream
 
 
 # ------------------------------------------------------------------ callbacks
@@ -208,29 +228,6 @@ def _callbacks() -> tuple[Any, Any]:
 
 
 # ------------------------------------------------------------------ one run
-def ddp_rank() -> int:
-    """This process's rank among the DDP processes of one run (0 when it is the only one).
-
-    Read from the variables the launchers set (Lightning's subprocess launcher,
-    torchrun, SLURM's srun), as Lightning's own `rank_zero_only` does.
-    """
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if os.environ.get(key, "0") != "0":
-            return int(os.environ[key])
-    return 0
-
-
-def run_lock(spec: RunSpec, runs_dir: Path, blocking: bool = True) -> Any:
-    """The lock that makes a run happen once across processes and runners.
-
-    Rank 0 of a multi-GPU run holds it for all ranks: the others (which would
-    otherwise wait for it while rank 0 waits for them) take no lock.
-    """
-    if ddp_rank() > 0:
-        return contextlib.nullcontext()
-    return file_lock(Path(runs_dir) / spec.sweep / f".{spec.run_id}.lock", blocking=blocking)
-
-
 def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True) -> dict[str, Any] | None:
     """Train and evaluate one spec; return its result (also in result.json).
 
@@ -244,174 +241,192 @@ def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True) -> 
     Raises:
         SpecError / DataError / ModelError: bad input, before anything is written.
     """
-    runs_dir = Path(runs_dir)
-    run_dir = run_dir_for(spec, runs_dir)
-    done = completed_result(run_dir)
+    rundir = RunDir.of(runs_dir, spec)
+    done = rundir.completed_result()
     if done is not None:
         return done
-    datamodule = preflight(spec)  # bad input fails here, before anything is written
+    prepared, upstream = preflight(spec)  # bad input fails here, before anything is written
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(run_lock(spec, runs_dir, blocking=blocking))
-        except BlockingIOError:
+            stack.enter_context(rundir.lock(blocking=blocking))
+        except Busy:
             return None
-        done = completed_result(run_dir)  # another worker may have finished it meanwhile
+        done = rundir.completed_result()  # another worker may have finished it meanwhile
         if done is not None:
             return done
-        upstream = spec.upstream()
         upstream_dir = ensure_pretrained(upstream, runs_dir) if upstream is not None else None
-        return _train(spec, run_dir, datamodule, upstream_dir)
+        del upstream  # its data is not needed while this run trains
+        return train(prepared, rundir, upstream_dir)
 
 
-def ensure_pretrained(upstream: RunSpec, runs_dir: Path) -> Path:
-    """Run the pretraining spec once (under its lock) and return its directory."""
-    up_dir = run_dir_for(upstream, runs_dir)
-    with run_lock(upstream, runs_dir):
-        result = completed_result(up_dir) or _train(upstream, up_dir, preflight(upstream), None)
+def ensure_pretrained(upstream: Prepared, runs_dir: Path | str) -> RunDir:
+    """Run the pretraining run once (under its lock) and return its directory.
+
+    Raises:
+        RuntimeError: the pretraining run failed or diverged.
+    """
+    rundir = RunDir.of(runs_dir, upstream.spec)
+    with rundir.lock():
+        result = rundir.completed_result() or train(upstream, rundir, None)
     if result.get("status") != "completed":
-        raise RuntimeError(f"pretraining run {upstream.run_id} {result.get('status')}: {result.get('error')}")
-    return up_dir
+        raise RuntimeError(f"pretraining run {upstream.spec.run_id} {result.get('status')}: {result.get('error')}")
+    return rundir
 
 
-def _train(spec: RunSpec, run_dir: Path, datamodule: Any, upstream_dir: Path | None) -> dict[str, Any]:
-    import lightning.pytorch as pl
-    import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
-    from lightning_modules.classifier import ImageClassifier
-    from lightning_modules.models import build_model, count_params, flops_per_image, load_backbone
-
+def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None) -> dict[str, Any]:
+    """Build, fit and test, then record: the result (status failed or diverged, with one line, when it broke)."""
+    spec = prepared.spec
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    is_main = ddp_rank() == 0  # under DDP, one process writes the run's files
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        write_json_atomic(run_dir / "spec.json", spec.to_dict())
-    base: dict[str, Any] = {
+    if ddp_rank() == 0:  # under DDP, one process writes the run's files
+        rundir.write_spec(spec.to_dict())
+    record = base_record(spec)
+    logger_wandb = None
+    try:
+        built = build(prepared, upstream_dir)
+        record.update(built.facts)
+        mode = wandb_mode(spec.wandb)
+        if mode != "off":
+            logger_wandb = wandb_logger(spec, rundir.path, mode)
+        record.update(fit_and_test(spec, built, prepared.datamodule, rundir, logger_wandb))
+    except Exception as exc:  # recorded, not hidden: status + one-line error + error.log
+        record["status"] = "diverged" if isinstance(exc, FloatingPointError) else "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        rundir.write_error(traceback.format_exc())
+    record.update(wall_time_s=time.perf_counter() - t0)
+    return record_result(record, rundir, started, logger_wandb)
+
+
+def base_record(spec: RunSpec) -> dict[str, Any]:
+    """What result.json says about a run before it trains (status failed until it completes)."""
+    return {
         "schema_version": SCHEMA_VERSION, "run_id": spec.run_id, "sweep": spec.sweep, "status": "failed",
         "error": None, "model": spec.model, "arch": spec.arch, "dataset": spec.dataset,
         "train_fraction": spec.train_fraction, "seed": spec.seed, "data_seed": spec.data_seed,
         "pretraining": spec.pretraining, "pretrain_size": None, "pretrained_from": None,
         "profile": spec.profile, "role": spec.role, "spec": spec.to_dict(),
     }
-    logger_wandb = None
-    try:
-        datamodule.setup()
-        base.update(n_train=datamodule.n_train, n_val=len(datamodule.val_idx), n_test=len(datamodule.test_set),
-                    subset_hash=datamodule.subset_hash)
-        pl.seed_everything(spec.seed, workers=True, verbose=False)
-        net = build_model(spec.model, datamodule.num_classes, spec.net_in_chans, spec.img_size,
-                          pretrained=spec.pretraining == "imagenet", weights_file=spec.weights_file,
-                          drop_path_rate=spec.drop_path)
-        if upstream_dir is not None:
-            up = read_result(upstream_dir)
-            state = torch.load(upstream_dir / "model.pt", map_location="cpu", weights_only=True)
-            load_backbone(net, state)
-            base.update(pretrained_from=up["run_id"], pretrain_size=up["n_train"])
-        params, flops = count_params(net), flops_per_image(net, spec.net_in_chans, spec.img_size)
-        steps = spec.train_steps(datamodule.n_train)
-        module = ImageClassifier(net, datamodule.num_classes, lr=spec.lr, weight_decay=spec.weight_decay,
-                                 total_steps=steps, warmup_steps=round(spec.warmup_frac * steps),
-                                 min_lr_ratio=spec.min_lr_ratio, label_smoothing=spec.label_smoothing)
-        attempt = len(list((run_dir / "logs").glob("attempt*.json")))  # one per start of this run
-        loggers: list[Any] = [CSVLogger(str(run_dir / "logs"), name="", version=f"attempt{attempt}")]
-        mode = wandb_mode(spec.wandb)
-        if mode != "off":
-            logger_wandb = wandb_logger(spec, run_dir, mode)
-            loggers.append(logger_wandb)
-        checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc1",
-                                     mode="max", save_last=True, save_top_k=1, enable_version_counter=False)
-        history, clock = _callbacks()
-        on_cpu = not torch.cuda.is_available()
-        trainer = pl.Trainer(
-            max_steps=steps, max_epochs=-1, val_check_interval=steps // spec.num_evals,
-            check_val_every_n_epoch=None, num_sanity_val_steps=0, precision=spec.precision,
-            accelerator="auto", devices=spec.devices, strategy="ddp" if spec.devices > 1 else "auto",
-            deterministic=on_cpu, benchmark=not on_cpu, gradient_clip_val=spec.grad_clip or None,
-            log_every_n_steps=max(1, min(50, steps // 20)), logger=loggers,
-            callbacks=[checkpoint, history, clock], enable_model_summary=False, default_root_dir=str(run_dir))
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            base["resumed_at_step"] = int(torch.load(last, map_location="cpu", weights_only=True)["global_step"])
-        write_json_atomic(run_dir / "logs" / f"attempt{attempt}.json",
-                          {"step": base.get("resumed_at_step", 0)})
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None,
-                    weights_only=True if last.is_file() else None)
-        # read before trainer.test(): it resets callback_metrics and restores callback state from best.ckpt
-        train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
-        seen, train_seconds, steps_done = clock.images, clock.seconds, trainer.global_step
-        if module.diverged:
-            raise FloatingPointError("training loss became non-finite")
-        selected = max(history.history, key=lambda h: h["val/acc1"])  # first best, as ModelCheckpoint keeps
-        test = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path,
-                            weights_only=True, verbose=False)[0]
-        metrics = {k: float(v) for k, v in sorted(test.items()) if k != "test/loss"}
-        metrics["train/acc1"] = _accuracy(module, datamodule.train_eval_dataloader(), spec.precision)
-        metrics["train/loss"] = train_loss
-        if spec.role == "pretrain" and is_main:
-            torch.save(module.net.state_dict(), run_dir / "model.pt")
-        base.update(status="completed", selected=selected, metrics=metrics, params=params,
-                    flops_per_image=flops, train_steps=steps_done, train_images_seen=seen,
-                    train_flops=3.0 * flops * seen, train_images_per_s=seen / train_seconds if train_seconds else None,
-                    train_time_s=train_seconds)
-    except Exception as exc:  # recorded, not hidden: status + one-line error + error.log
-        base["status"] = "diverged" if isinstance(exc, FloatingPointError) else "failed"
-        base["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        (run_dir / "error.log").write_text(traceback.format_exc())
-    base.update(wall_time_s=time.perf_counter() - t0, versions=versions(), git_commit=git_commit(),
-                hostname=socket.gethostname(), pid=os.getpid(), started_at=started.isoformat(timespec="seconds"),
-                finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    if not is_main:
-        return base
-    merge_metrics(run_dir)
-    if logger_wandb is not None:
-        _finish_wandb(logger_wandb, base)
-    write_json_atomic(run_dir / "result.json", base)
-    return base
 
 
-def merge_metrics(run_dir: Path) -> None:
-    """Join the attempts' CSV logs into run_dir/metrics.csv, one row per logged event.
+@dataclass
+class Built:
+    """A run's module, ready to fit.
 
-    A killed attempt may have logged steps past the checkpoint the next one
-    resumed from; those rows are dropped, so no step appears twice.
+    Attributes:
+        module: the ImageClassifier around the net.
+        steps: the optimizer-step budget.
+        flops_per_image: forward FLOPs of one image.
+        facts: what result.json records about the data and the net.
     """
-    import csv
 
-    attempts = sorted((run_dir / "logs").glob("attempt*.json"), key=lambda p: int(p.stem[7:]))
-    starts = [json.loads(path.read_text())["step"] for path in attempts]
-    rows: list[dict[str, str]] = []
-    for path, next_start in zip(attempts, starts[1:] + [None]):
-        table = path.with_suffix("") / "metrics.csv"
-        if table.is_file():
-            rows += [r for r in csv.DictReader(open(table, newline=""))
-                     if next_start is None or int(r.get("step") or 0) < next_start]
-    if not rows:
-        return
-    header = sorted(set().union(*rows), key=lambda k: (k not in ("epoch", "step"), k))
-    tmp = run_dir / ".metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, run_dir / "metrics.csv")
+    module: ImageClassifier
+    steps: int
+    flops_per_image: int
+    facts: dict[str, Any]
 
 
-def _accuracy(module: Any, loader: Any, precision: str) -> float:
-    """Top-1 accuracy of `module` (eval mode, no augmentation) over `loader`."""
+def build(prepared: Prepared, upstream_dir: RunDir | None) -> Built:
+    """Seed, split the data, build the net (with the pretraining run's backbone) and the module around it."""
+    import lightning.pytorch as pl
     import torch
 
-    device = next(module.parameters()).device
-    module.eval()
-    correct = total = 0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    with torch.no_grad(), autocast:
-        for images, labels in loader:
-            logits = module(images.to(device))  # (B, K)
-            correct += int((logits.argmax(1).cpu() == labels).sum())
-            total += len(labels)
-    return correct / total
+    from lightning_modules.classifier import ImageClassifier
+    from lightning_modules.models import architecture, build_model, count_params, flops_per_image, load_backbone
+
+    spec, datamodule = prepared.spec, prepared.datamodule
+    datamodule.setup()
+    facts: dict[str, Any] = dict(n_train=datamodule.n_train, n_val=len(datamodule.val_idx),
+                                 n_test=len(datamodule.test_set), subset_hash=datamodule.subset_hash)
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    net_args = dict(name=spec.model, num_classes=datamodule.num_classes, in_chans=spec.net_in_chans,
+                    img_size=spec.img_size, drop_path_rate=spec.drop_path, overrides=spec.net_overrides)
+    net = build_model(**net_args, pretrained=spec.pretraining == "imagenet", weights_file=spec.weights_file)
+    if upstream_dir is not None:
+        upstream = upstream_dir.read_result()
+        load_backbone(net, torch.load(upstream_dir.model_pt, map_location="cpu", weights_only=True))
+        facts.update(pretrained_from=upstream["run_id"], pretrain_size=upstream["n_train"])
+    flops = flops_per_image(net, spec.net_in_chans, spec.img_size)
+    facts.update(architecture=architecture(**net_args), params=count_params(net), flops_per_image=flops)
+    steps = spec.train_steps(datamodule.n_train)
+    module = ImageClassifier(net, datamodule.num_classes, lr=spec.lr, weight_decay=spec.weight_decay,
+                             total_steps=steps, warmup_steps=round(spec.warmup_frac * steps),
+                             min_lr_ratio=spec.min_lr_ratio, label_smoothing=spec.label_smoothing)
+    return Built(module, steps, flops, facts)
+
+
+def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundir: RunDir,
+                 logger_wandb: Any) -> dict[str, Any]:
+    """Fit (resuming from last.ckpt when there is one), then test the checkpoint selected on validation.
+
+    Returns:
+        The result's fields from training: status, selected, metrics, steps, images, FLOPs, time.
+
+    Raises:
+        FloatingPointError: the training loss became non-finite (the run diverged).
+    """
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    out: dict[str, Any] = {}
+    if rundir.last_ckpt.is_file():
+        out["resumed_at_step"] = int(torch.load(rundir.last_ckpt, map_location="cpu", weights_only=True)["global_step"])
+    attempt = rundir.start_attempt(out.get("resumed_at_step", 0))
+    loggers: list[Any] = [CSVLogger(str(rundir.logs), name="", version=attempt)]
+    if logger_wandb is not None:
+        loggers.append(logger_wandb)
+    checkpoint = ModelCheckpoint(dirpath=rundir.checkpoints, filename="best", monitor="val/acc1", mode="max",
+                                 save_last=True, save_top_k=1, enable_version_counter=False)
+    history, clock = _callbacks()
+    on_cpu = not torch.cuda.is_available()
+    steps = built.steps
+    trainer = pl.Trainer(
+        max_steps=steps, max_epochs=-1, val_check_interval=steps // spec.num_evals,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, precision=spec.precision,
+        accelerator="auto", devices=spec.devices, strategy="ddp" if spec.devices > 1 else "auto",
+        deterministic=on_cpu, benchmark=not on_cpu, gradient_clip_val=spec.grad_clip or None,
+        log_every_n_steps=max(1, min(50, steps // 20)), logger=loggers,
+        callbacks=[checkpoint, history, clock, LearningRateMonitor(logging_interval="step")],
+        enable_model_summary=False, default_root_dir=str(rundir.path))
+    resume = rundir.last_ckpt.is_file()
+    trainer.fit(built.module, datamodule=datamodule, ckpt_path=str(rundir.last_ckpt) if resume else None,
+                weights_only=True if resume else None)
+    # read before trainer.test(): it resets callback_metrics and restores callback state from best.ckpt
+    train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    seen, train_seconds, steps_done = clock.images, clock.seconds, trainer.global_step
+    if built.module.diverged:
+        raise FloatingPointError("training loss became non-finite")
+    selected = max(history.history, key=lambda h: h["val/acc1"])  # first best, as ModelCheckpoint keeps
+    # the test set, and (no augmentation) a fixed part of the training subset for the train-test gap
+    test, train_eval = trainer.test(built.module, dataloaders=[datamodule.test_dataloader(),
+                                                               datamodule.train_eval_dataloader()],
+                                    ckpt_path=checkpoint.best_model_path, weights_only=True, verbose=False)
+    metrics = {k: float(v) for k, v in sorted(test.items())}
+    metrics["train/acc1"] = float(train_eval["train/acc1"])
+    metrics["train/loss"] = train_loss
+    if spec.role == "pretrain" and ddp_rank() == 0:
+        state = built.module.net.state_dict()
+        atomic_write(rundir.model_pt, lambda fh: torch.save(state, fh))
+    flops = built.flops_per_image
+    out.update(status="completed", selected=selected, metrics=metrics, train_steps=steps_done,
+               train_images_seen=seen, train_flops=3.0 * flops * seen,
+               train_images_per_s=seen / train_seconds if train_seconds else None, train_time_s=train_seconds)
+    return out
+
+
+def record_result(record: dict[str, Any], rundir: RunDir, started: datetime, logger_wandb: Any) -> dict[str, Any]:
+    """Stamp where and when the run ran; on rank 0, merge the metrics, close W&B and write result.json (last)."""
+    record.update(versions=versions(), git_commit=git_commit(), hostname=socket.gethostname(), pid=os.getpid(),
+                  started_at=started.isoformat(timespec="seconds"),
+                  finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    if ddp_rank() > 0:
+        return record
+    rundir.merge_metrics()
+    if logger_wandb is not None:
+        _finish_wandb(logger_wandb, record)
+    rundir.write_result(record)
+    return record
 
 
 def _finish_wandb(logger: Any, result: dict[str, Any]) -> None:
@@ -428,6 +443,23 @@ def _finish_wandb(logger: Any, result: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------ CLI
+def _flag_type(field: dataclasses.Field) -> Any:
+    """How a flag's text becomes the field's value: int, float, YAML (bools and mappings) or the text itself.
+
+    YAML reads `true`, `False`, `{drop_rate: 0.1}` and W&B's `{'drop_rate': 0.1}` alike.
+    """
+    kind = str(field.type).split(" ")[0].split("[")[0]
+    return {"int": int, "float": float, "bool": _yaml_value, "dict": _yaml_value}.get(kind, str)
+
+
+def _yaml_value(text: str) -> Any:
+    """A flag's text read as YAML (what it means is checked by RunSpec.validate); unreadable text stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One --flag per RunSpec field (defaults come from the profile)."""
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n")[0],
@@ -438,14 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(RunSpec):
         if f.name in ("profile", "role"):
             continue
-        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])  # wandb agent: --a_b
-        parser.add_argument(*flags, dest=f.name, type=kind, default=None,
-                            help=f"({str(f.type)})")
+        parser.add_argument(*flags, dest=f.name, type=_flag_type(f), default=None, help=f"({f.type})")
     return parser
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    """The spec the command line names: a spec.json and/or the profile's defaults, with the flags applied."""
     overrides = {k: v for k, v in vars(args).items()
                  if v is not None and k not in ("spec", "runs_dir", "profile")}
     if args.spec is not None:
@@ -473,14 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # SpecError, DataError, ModelError: one line each
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run_dir = run_dir_for(spec, args.runs_dir)
+    rundir = RunDir.of(args.runs_dir, spec)
     if result["status"] != "completed":
-        print(f"run {spec.run_id} {result['status']}: {result['error']} (see {run_dir / 'error.log'})",
-              file=sys.stderr)
+        print(f"run {spec.run_id} {result['status']}: {result['error']} (see {rundir.error_log})", file=sys.stderr)
         return 1
     m = result["metrics"]
     print(f"run {spec.run_id} completed in {result['wall_time_s']:.0f} s: test/acc1={m['test/acc1']:.4f} "
-          f"test/acc5={m['test/acc5']:.4f} n_train={result['n_train']} -> {run_dir / 'result.json'}")
+          f"test/acc5={m['test/acc5']:.4f} n_train={result['n_train']} -> {rundir.result_json}")
     return 0
 
 

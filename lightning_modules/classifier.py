@@ -2,9 +2,11 @@
 
 AdamW, linear warmup then cosine decay (per step), cross-entropy with label
 smoothing (soft targets when MixUp / CutMix are on), and one weight-decay
-rule for every net: a parameter is exempt iff it is 1-D (biases, norm scales
-and shifts) or the net names it in `no_weight_decay()` (a ViT's position
-embedding and class token). Metrics come from torchmetrics.
+rule for every net, timm's `param_groups_weight_decay`: a parameter is exempt
+iff it is 1-D or a bias (biases, norm scales and shifts) or the net names it
+in `no_weight_decay()` (a ViT's position embedding and class token). Metrics
+come from torchmetrics; the learning rate is logged by Lightning's
+`LearningRateMonitor` (the trainer's callback).
 """
 
 from __future__ import annotations
@@ -15,27 +17,17 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
+from timm.optim import param_groups_weight_decay
 from torch import nn
+
+# What `trainer.test` evaluates, by dataloader index: the test set, then (optionally) images of the
+# training subset without augmentation, for the train-test gap. Metrics are named `<split>/acc1` etc.
+TEST_SPLITS = ("test", "train")
 
 
 def prefers_channels_last(net: nn.Module) -> bool:
     """Whether `net` has convolutions, which run faster channels-last (a memory layout, not a change of the math)."""
     return any(isinstance(m, nn.Conv2d) for m in net.modules())
-
-
-def decay_groups(net: nn.Module) -> tuple[list[str], list[str]]:
-    """Split parameter names by the one no-weight-decay rule.
-
-    Returns:
-        (decayed, exempt) parameter names.
-    """
-    named_exempt = set(net.no_weight_decay()) if hasattr(net, "no_weight_decay") else set()
-    decayed, exempt = [], []
-    for name, param in net.named_parameters():
-        if not param.requires_grad:
-            continue
-        (exempt if param.ndim <= 1 or name in named_exempt else decayed).append(name)
-    return decayed, exempt
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
@@ -75,9 +67,9 @@ class ImageClassifier(pl.LightningModule):
             "ece": torchmetrics.CalibrationError(task="multiclass", num_classes=num_classes, n_bins=15),
         })
         self.val_metrics = metrics().clone(prefix="val/")
-        self.test_metrics = metrics().clone(prefix="test/")
         self.val_nll = torchmetrics.MeanMetric()
-        self.test_nll = torchmetrics.MeanMetric()
+        self.test_metrics = nn.ModuleList(metrics().clone(prefix=f"{split}/") for split in TEST_SPLITS)
+        self.test_nll = nn.ModuleList(torchmetrics.MeanMetric() for _ in TEST_SPLITS)
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -99,7 +91,6 @@ class ImageClassifier(pl.LightningModule):
         self.train_acc(logits.detach(), hard)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc1_batch", self.train_acc, prog_bar=False)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
         return loss
 
     # ---------------------------------------------------------------- eval
@@ -110,25 +101,27 @@ class ImageClassifier(pl.LightningModule):
         probs = logits.softmax(dim=1)
         metrics.update(probs, labels)
         nll.update(F.cross_entropy(logits, labels, reduction="none"))
-        self.log_dict(metrics, on_epoch=True)
-        self.log(f"{prefix}/nll", nll, on_epoch=True)
-        self.log(f"{prefix}/loss", nll, on_epoch=True, prog_bar=prefix == "val")
+        # named by split, not by dataloader index (one trainer.test call evaluates several splits)
+        self.log_dict(metrics, on_epoch=True, add_dataloader_idx=False)
+        self.log(f"{prefix}/nll", nll, on_epoch=True, add_dataloader_idx=False)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, self.val_nll, "val")
+        self.log("val/loss", self.val_nll, on_epoch=True, prog_bar=True)  # result.json records it in `selected`
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, self.test_nll, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Dataloader `dataloader_idx` holds the split TEST_SPLITS[dataloader_idx]."""
+        self._evaluate(batch, self.test_metrics[dataloader_idx], self.test_nll[dataloader_idx],
+                       TEST_SPLITS[dataloader_idx])
 
     # ---------------------------------------------------------------- optim
     def configure_optimizers(self) -> dict:
-        decayed, exempt = decay_groups(self.net)
-        params = dict(self.net.named_parameters())
-        optimizer = torch.optim.AdamW(
-            [{"params": [params[n] for n in decayed], "weight_decay": self.hparams.weight_decay},
-             {"params": [params[n] for n in exempt], "weight_decay": 0.0}],
-            lr=self.hparams.lr, betas=self.hparams.betas)
         hp = self.hparams
+        exempt = self.net.no_weight_decay() if hasattr(self.net, "no_weight_decay") else ()
+        groups = param_groups_weight_decay(self.net, hp.weight_decay, no_weight_decay_list=exempt)
+        # the decayed group first, as the optimizer's state in existing checkpoints has it
+        groups.sort(key=lambda group: group["weight_decay"] == 0)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.total_steps, hp.warmup_steps, hp.min_lr_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}

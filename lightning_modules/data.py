@@ -22,7 +22,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -469,16 +469,6 @@ class ImageDataModule(pl.LightningDataModule):
         self.download, self.num_workers, self.train_eval_size = download, num_workers, train_eval_size
         self.fractal = (fractal_classes, fractal_size, fractal_seed)
         self.source: Source | None = None
-
-    @classmethod
-    def from_spec(cls, spec: Any, download: bool = True) -> "ImageDataModule":
-        """Build from an `experiments.spec.RunSpec` (duck-typed: no import)."""
-        return cls(dataset=spec.dataset, img_size=spec.img_size, in_chans=spec.net_in_chans,
-                   batch_size=spec.batch_size // spec.devices, train_fraction=spec.train_fraction,
-                   val_size=spec.val_size, data_seed=spec.data_seed, augment=spec.augment,
-                   mixup_alpha=spec.mixup_alpha, cutmix_alpha=spec.cutmix_alpha,
-                   data_dir=spec.data_dir, download=download, fractal_classes=spec.pretrain_classes,
-                   fractal_size=spec.pretrain_size, fractal_seed=spec.seed, num_workers=spec.num_workers)
 
     # -- loading
     def load_source(self) -> Source:

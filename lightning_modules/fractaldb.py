@@ -12,28 +12,23 @@ data needs no download, has any size and is the same in every process.
 
 Choices beyond the paper:
 - Each map is drawn uniform in (-1, 1)^6 conditioned on being a contraction
-  (largest singular value < 1; 41 % of uniform draws are). Without this the
-  attractor is unbounded and min/max normalisation turns most categories into
-  a speckled blob around a few far outliers.
+  (largest singular value < 1). Without this the attractor is unbounded and
+  min/max normalisation turns most categories into a speckled blob around a
+  few far outliers.
 - The chaos game starts every walker at the fixed point of the most likely map,
   which lies on the attractor, so every recorded point is on it (no outliers
-  from burn-in); 6 mixing steps then 8 recorded steps, walkers run in parallel.
+  from burn-in); ``MIXING_STEPS`` then ``RECORDED_STEPS``, walkers in parallel.
 - Images are grey: intensity = hits per pixel, saturating at the mean hits of
   the lit pixels; the fill is the fraction of lit pixels.
-- Points per image default to 4 per pixel (4,096 at 32 px). The paper's 20 %
-  fill threshold is kept: with these renders 76 % of candidates pass at 32 px
-  (64 % at 64 px, 43 % at 224 px), so the search is quick; it rejects the thin,
-  line-like attractors.
+- Points per image default to ``POINTS_PER_PIXEL`` per pixel. The paper's fill
+  threshold is kept: it rejects the thin, line-like attractors, and enough
+  candidates pass it that the search stays quick.
 
-Measured with ``benchmarks/fractaldb_render.py`` on one core of the 2-core CPU
-box (numpy 2.4, torch 1 thread, memo off, the other core busy with other work):
-- rendering through ``FractalDB.__getitem__``: 32 px ~2,700-3,300 images/s,
-  64 px (16,384 points) ~1,000-1,600 images/s, 224 px (200,704 points)
-  ~45-50 images/s.
-- ``search_categories`` at 32 px: 100 categories in 0.07 s, 1,000 in 0.5-0.7 s;
-  at 224 px, 10 categories in 0.4-0.6 s.
-Training on that CPU consumes ~200-400 images/s, and renders are memoised
-(``memo_bytes``), so after the first epoch an image costs a copy.
+At the cpu profile's 32 px, rendering outpaces training, and renders are
+memoised (``memo_bytes``), so after the first epoch an image costs a copy.
+The measured figures (render and search rates per image size from
+``benchmarks/fractaldb_render.py``, the share of contractive draws, the pass
+rate of the fill threshold) are in benchmarks/RESULTS.md.
 
 Usage:
     >>> ds = FractalDB(num_classes=100, instances_per_class=100, img_size=32)
@@ -43,7 +38,6 @@ Usage:
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -53,6 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from common.files import atomic_write
 
 MAX_MAPS = 7  # k in {2..7}
 MIN_MAPS = 2
@@ -270,17 +266,8 @@ def _load_cache(path: Path, num_classes: int) -> np.ndarray | None:
 
 
 def _save_cache(path: Path, categories: np.ndarray) -> None:
-    """Writes the cache atomically: a temp file in the same folder, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, categories=categories)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Writes the cache atomically (common.files): readers see no file or the whole one."""
+    atomic_write(path, lambda f: np.savez(f, categories=categories))
 
 
 def render_instance(category: np.ndarray, seed: int, label: int, instance: int, img_size: int,

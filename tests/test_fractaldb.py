@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -167,13 +166,21 @@ def test_corrupt_cache_is_regenerated_with_a_warning(tmp_path, content):
         np.testing.assert_array_equal(data["categories"], first)
 
 
-def test_concurrent_searches_share_one_valid_cache(tmp_path):
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda _: search_categories(NUM_CLASSES, seed=5, cache_dir=tmp_path), range(4)))
-    assert all(np.array_equal(r, results[0]) for r in results)
+def test_a_write_that_breaks_leaves_the_previous_cache_whole(tmp_path, monkeypatch):
+    first = search_categories(NUM_CLASSES, seed=5, cache_dir=tmp_path)
     (path,) = tmp_path.iterdir()
-    with np.load(path) as data:
-        np.testing.assert_array_equal(data["categories"], results[0])
+    before = path.read_bytes()
+
+    def savez_then_crash(file, **arrays):  # the process dies halfway through writing the file
+        file.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fractaldb.np, "savez", savez_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        fractaldb._save_cache(path, first[::-1].copy())
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == before
+    monkeypatch.undo()
+    np.testing.assert_array_equal(search_categories(NUM_CLASSES, seed=5, cache_dir=tmp_path), first)
 
 
 def test_impossible_thresholds_are_errors(tmp_path):

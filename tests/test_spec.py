@@ -1,10 +1,15 @@
-"""RunSpec: validation, identity, budget and the pretraining chain."""
+"""RunSpec: validation, identity, architecture overrides, budget and the pretraining chain."""
 
 from __future__ import annotations
+
+import dataclasses
+import json
 
 import pytest
 
 from experiments.spec import PROFILES, RunSpec, SpecError
+from lightning_modules.catalog import MODELS
+from lightning_modules.vit_config import ARCH_FIELDS
 
 
 def test_run_id_hashes_the_computation_not_the_placement() -> None:
@@ -81,6 +86,92 @@ def test_fractaldb_is_not_a_target() -> None:
         RunSpec.create("cpu", dataset="fractaldb")
 
 
-def test_profiles_validate() -> None:
-    for name in PROFILES:
-        RunSpec.create(name)
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_profile_sets_its_defaults(profile: str) -> None:
+    spec = RunSpec.create(profile)
+    assert spec.profile == profile
+    assert {name: getattr(spec, name) for name in PROFILES[profile]} == PROFILES[profile]
+    assert RunSpec.create(profile, lr=0.0123).lr == 0.0123  # an explicit value beats the profile
+
+
+def test_run_ids_made_before_architecture_overrides_are_unchanged() -> None:
+    """Pinned ids: runs/ folders made by earlier versions must still be found."""
+    assert RunSpec.create("cpu", model="resnet50", train_fraction=0.1).run_id == "19e512f21fdc"
+    assert RunSpec.create("cpu", model="vit_tiny_p8").run_id == "e76e567e3dc3"
+
+
+# ------------------------------------------------------------------ architecture overrides
+def test_every_vit_architecture_field_is_a_spec_field() -> None:
+    names = {f.name for f in dataclasses.fields(RunSpec)}
+    assert set(ARCH_FIELDS) <= names and "model_kwargs" in names
+
+
+def test_different_architectures_get_different_run_ids() -> None:
+    base = RunSpec.create("cpu", model="vit_tiny_p8")
+    variants = [base, *(base.replace(**change) for change in (
+        dict(patch_size=4), dict(embed_dim=128), dict(depth=6), dict(num_heads=8), dict(mlp_ratio=4.0),
+        dict(pos_embed="none"), dict(pos_embed="sincos2d"), dict(pool="avg"), dict(pool="avg", class_token=False),
+        dict(patch_size=4, depth=6)))]
+    assert len({spec.run_id for spec in variants}) == len(variants)
+    cnn = RunSpec.create("cpu", model="resnet18")
+    assert cnn.replace(model_kwargs={"drop_rate": 0.2}).run_id not in (cnn.run_id,
+                                                                      cnn.replace(model_kwargs={"drop_rate": 0.3}).run_id)
+
+
+def test_an_override_equal_to_the_registry_is_the_same_net_and_run() -> None:
+    base = RunSpec.create("cpu", model="vit_tiny_p8")
+    registry = MODELS["vit_tiny_p8"].vit
+    same = base.replace(patch_size=registry.patch_size, embed_dim=registry.embed_dim, mlp_ratio=int(registry.mlp_ratio),
+                        pos_embed=registry.pos_embed, class_token=registry.class_token)
+    assert same.run_id == base.run_id
+    assert base.replace(mlp_ratio=3).run_id == base.replace(mlp_ratio=3.0).run_id
+
+
+def test_overrides_reach_the_net_and_the_pretraining_run() -> None:
+    vit = RunSpec.create("cpu", model="vit_tiny_p8", patch_size=4, pool="avg", pretraining="fractaldb")
+    assert vit.net_overrides == {"patch_size": 4, "pool": "avg"}
+    assert vit.upstream().net_overrides == vit.net_overrides  # fine-tuning loads the same net
+    cnn = RunSpec.create("cpu", model="resnet18", model_kwargs={"drop_rate": 0.1})
+    assert cnn.net_overrides == {"drop_rate": 0.1} and RunSpec.create("cpu").net_overrides == {}
+
+
+def test_a_spec_with_overrides_round_trips_through_spec_json() -> None:
+    spec = RunSpec.create("cpu", model="resnet18", model_kwargs={"drop_rate": 0.1, "zero_init_last": False})
+    again = RunSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec and again.run_id == spec.run_id and hash(again) == hash(spec)
+    old = {k: v for k, v in spec.to_dict().items() if k not in (*ARCH_FIELDS, "model_kwargs")}
+    assert RunSpec.from_dict({**old, "model_kwargs": {}}).run_id == RunSpec.from_dict(old).run_id  # older spec.json
+
+
+@pytest.mark.parametrize("overrides, field, value, allowed", [
+    (dict(model="resnet50", patch_size=4), "patch_size", "4", "null for resnet50"),
+    (dict(model="vit_tiny_p8", patch_size=5), "patch_size", "5", "a divisor of img_size=32"),
+    (dict(model="vit_tiny_p8", img_size=28), "patch_size", "8", "a divisor of img_size=28"),
+    (dict(model="vit_tiny_p8", num_heads=3), "num_heads", "3", "a divisor of embed_dim=256"),
+    (dict(model="vit_tiny_p8", depth=0), "depth", "0", "an integer >= 1"),
+    (dict(model="vit_tiny_p8", pos_embed="rope"), "pos_embed", "rope", "learn | sincos2d | none"),
+    (dict(model="vit_tiny_p8", pool="max"), "pool", "max", "token | avg"),
+    (dict(model="vit_tiny_p8", class_token=False), "class_token", "False", "true with pool=token"),
+    (dict(model="vit_tiny_p8", class_token="no"), "class_token", "no", "true | false"),
+    (dict(model="vit_s16", pretraining="imagenet", depth=6), "depth", "6", "null with pretraining=imagenet"),
+    (dict(model="vit_tiny_p8", model_kwargs={"drop_rate": 0.1}), "model_kwargs", "drop_rate", "a ViT takes"),
+    (dict(model="resnet18", model_kwargs={"num_classes": 3}), "model_kwargs", "num_classes", "the spec sets"),
+    (dict(model="resnet18", model_kwargs=[0.1]), "model_kwargs", "[0.1]", "a mapping"),
+    (dict(model="resnet18", model_kwargs={"drop_rate:0.1": None}), "model_kwargs", "drop_rate", "a mapping"),
+    (dict(model="resnet18", model_kwargs={"drop_rate": None}), "model_kwargs", "None", "non-null values"),
+])
+def test_bad_architecture_overrides_name_field_value_and_allowed(overrides: dict, field: str, value: str,
+                                                                 allowed: str) -> None:
+    with pytest.raises(SpecError) as err:
+        RunSpec.create("cpu", **overrides)
+    message = str(err.value)
+    assert "\n" not in message and f"invalid {field}=" in message and value in message and allowed in message
+
+
+def test_benchmark_candidates_are_distinct_runs() -> None:
+    from benchmarks.cpu_vit_size import CANDIDATES
+
+    ids = {name: RunSpec.create("cpu", model="vit_tiny_p8", img_size=28 if name.startswith("p7") else 32,
+                                **overrides).run_id for name, overrides in CANDIDATES.items()}
+    assert len(set(ids.values())) == len(ids)
+    assert ids["p8_d256_L4"] == RunSpec.create("cpu", model="vit_tiny_p8").run_id  # the registry's own net

@@ -13,6 +13,8 @@ from typing import Iterator
 import pytest
 import torch
 
+from common import schema
+from experiments.rundir import RunDir
 from experiments.spec import RunSpec
 from experiments.train import main, run
 
@@ -20,11 +22,8 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="synthetic", min_steps=6, max_steps=6, num_evals=2, val_size=32, batch_size=32,
             precision="32-true")
-REQUIRED = {"schema_version", "run_id", "sweep", "status", "error", "model", "arch", "dataset", "train_fraction",
-            "seed", "data_seed", "pretraining", "pretrain_size", "pretrained_from", "profile", "role", "n_train",
-            "n_val", "n_test", "subset_hash", "spec", "selected", "metrics", "params", "flops_per_image",
-            "train_steps", "train_images_seen", "train_flops", "train_images_per_s", "train_time_s",
-            "wall_time_s", "versions", "git_commit", "started_at", "finished_at"}
+# every key of the contract that a completed first attempt has (the others: an error, a resume)
+COMPLETED_KEYS = (set(schema.FIELDS) - {"error", "resumed_at_step"}) | set(schema.SECTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -36,26 +35,34 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunSpec, dict, P
 
 def test_result_json_follows_the_contract(finished: tuple[RunSpec, dict, Path]) -> None:
     spec, result, runs = finished
-    run_dir = runs / "adhoc" / spec.run_id
-    on_disk = json.loads((run_dir / "result.json").read_text())
+    rundir = RunDir.of(runs, spec)
+    on_disk = json.loads(rundir.result_json.read_text())
     assert on_disk == json.loads(json.dumps(result))
-    assert REQUIRED <= set(on_disk), REQUIRED - set(on_disk)
+    schema.check(on_disk)
+    assert COMPLETED_KEYS <= set(on_disk), COMPLETED_KEYS - set(on_disk)
+    assert on_disk["schema_version"] == schema.SCHEMA_VERSION
     assert on_disk["status"] == "completed" and on_disk["arch"] == "cnn"
-    assert RunSpec.from_dict(json.loads((run_dir / "spec.json").read_text())).run_id == spec.run_id
+    assert on_disk["architecture"]["timm_name"] == "resnet18" and on_disk["architecture"]["in_chans"] == 1
+    assert RunSpec.from_dict(json.loads(rundir.spec_json.read_text())).run_id == spec.run_id
     m = on_disk["metrics"]
-    assert {"test/acc1", "test/acc5", "test/nll", "test/ece", "train/acc1", "train/loss"} <= set(m)
+    assert set(m) == {"test/acc1", "test/acc5", "test/nll", "test/ece", "train/acc1", "train/loss"}
     assert all(0 <= m[k] <= 1 for k in ("test/acc1", "test/acc5", "test/ece", "train/acc1"))
     assert on_disk["train_steps"] == 6 and on_disk["train_images_seen"] == 6 * 32
-    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert rundir.best_ckpt.is_file() and rundir.last_ckpt.is_file()
 
 
 def test_selection_is_on_validation(finished: tuple[RunSpec, dict, Path]) -> None:
     spec, result, runs = finished
-    rows = list(csv.DictReader(open(runs / "adhoc" / spec.run_id / "metrics.csv")))
+    rows = list(csv.DictReader(open(RunDir.of(runs, spec).metrics_csv)))
     val = [float(r["val/acc1"]) for r in rows if r.get("val/acc1")]
     assert len(val) == spec.num_evals and result["selected"]["val/acc1"] == pytest.approx(max(val))
     assert any(r.get("train/loss") for r in rows)
     assert not any(r.get("test/acc1") and r.get("val/acc1") for r in rows)
+    (tested,) = [r for r in rows if r.get("test/acc1")]  # the test set and the training subset, one evaluation
+    assert float(tested["test/acc1"]) == result["metrics"]["test/acc1"]
+    assert float(tested["train/acc1"]) == result["metrics"]["train/acc1"]
+    lr = [float(v) for r in rows for k, v in r.items() if k.startswith("lr") and v]  # LearningRateMonitor's
+    assert lr and max(lr) == pytest.approx(spec.lr)
 
 
 def wandb_records(path: Path) -> Iterator[object]:
@@ -144,6 +151,10 @@ def test_fractaldb_pretraining_then_fine_tuning(tmp_path: Path) -> None:
     (["--train-fraction", "1.5"], "train_fraction=1.5"),
     (["--max-steps", "0"], "max_steps=0"),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "dataset=imagefolder"),
+    (["--model", "vit_tiny_p8", "--patch-size", "5"], "patch_size=5"),
+    (["--model", "vit_tiny_p8", "--pool", "avg", "--class-token", "maybe"], "class_token='maybe'"),
+    (["--model", "resnet18", "--pos-embed", "none"], "pos_embed='none'"),
+    (["--model", "resnet18", "--model-kwargs", "{drop_rate: 0.1, colour: red}"], "unexpected keyword argument"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, args: list[str], needle: str,
                                                              capsys: pytest.CaptureFixture) -> None:
@@ -157,21 +168,3 @@ def test_cli_is_a_module_entry_point(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "experiments.train", "--train-fraction", "2"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: invalid train_fraction=2.0")
-
-
-def test_resumed_attempts_merge_into_one_metrics_csv(tmp_path: Path) -> None:
-    """A killed attempt logged steps 0-9 but checkpointed at 6; the resumed attempt redoes 6-11."""
-    from experiments.train import merge_metrics, write_json_atomic
-
-    logs = tmp_path / "logs"
-    for attempt, start, steps, column in ((0, 0, range(10), "train/loss"), (1, 6, range(6, 12), "val/acc1")):
-        write_json_atomic(logs / f"attempt{attempt}.json", {"step": start})
-        (logs / f"attempt{attempt}").mkdir()
-        with open(logs / f"attempt{attempt}" / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", column])
-            writer.writeheader()
-            writer.writerows({"step": s, column: s / 100} for s in steps)
-    merge_metrics(tmp_path)
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
-    assert [int(r["step"]) for r in rows] == list(range(12))
-    assert rows[0]["train/loss"] == "0.0" and rows[0]["val/acc1"] == "" and rows[-1]["val/acc1"] == "0.11"
