@@ -98,7 +98,7 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
         return vit_timm.from_timm(reference, drop_path_rate=drop_path_rate)
     return timm.create_model(info.timm_name.split(".")[0] if not pretrained else info.timm_name,
                              pretrained=pretrained, drop_path_rate=drop_path_rate, **timm_kwargs,
-                             **info.timm_kwargs, **dict(overrides or {}))
+                             **{**info.timm_kwargs, **dict(overrides or {})})
 
 
 def load_backbone(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
