@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: help install data test test-all sweep sweep-dry plots tables report train-cpu clean
+.PHONY: help install data test test-slow test-all sweep sweep-dry plots tables report train-cpu clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ data: ## Install Debian's dataset-fashion-mnist when apt is available and the fi
 
 test: install ## Run the test suite (fast tests; no network, no GPU)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
+
+test-slow: install ## Run only the slow end-to-end tests (kill/resume, concurrent runners, submitit, 224 px)
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m slow
 
 test-all: install ## Run every test, the slow end-to-end ones too
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m ""
