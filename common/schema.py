@@ -63,6 +63,17 @@ FIELDS: dict[str, Field] = {
     "train_images_per_s": Field("number"),
     "train_time_s": Field("number"),
     "resumed_at_step": Field("int"),
+    # the protocol: how the budget ended and whether the run was still improving then
+    "budget_steps": Field("int"),  # the step budget (identical at every training size)
+    "n_evals": Field("int"),  # validations done; the checkpoint is the best of them on val/acc1
+    "stopped_early": Field("bool"),  # validation stopped improving for `patience` evaluations
+    "improving_at_end": Field("bool"),  # used its whole budget with its best validation among the last ones
+    "precision": Field("str"),  # resolved (spec.precision holds what was requested, e.g. "auto")
+    "hardware": Field("str"),  # the device and why its precision was chosen
+    "predictions": Field("str"),  # file in the run directory with val/test logits and targets (predictions.npz)
+    "robustness": Field("str"),  # file with per-image correctness under corruption/occlusion (robustness.npz)
+    "upstream_val_acc1": Field("number"),  # the pretraining run's own validation accuracy
+    "upstream_improving_at_end": Field("bool"),  # whether the pretraining run was still improving
     "wall_time_s": Field("number"),
     "git_commit": Field("str"),
     "hostname": Field("str"),
