@@ -8,6 +8,9 @@
                       logs/attemptN.json, logs/attemptN/metrics.csv   one per start of the run
                       error.log    the traceback of a failed run
                       model.pt     the net's weights (pretraining runs: what fine-tuning loads)
+                      predictions.npz  the selected checkpoint's test and validation logits and targets
+                      robustness.npz   per-image correctness under corruption, occlusion and patch shuffle
+                      explain.npz      attention rollout, attention distance, ERF, Grad-CAM (experiments.explain)
                       train.log    a sweep worker's output
 
 Torch-free: the sweep runner reads states with it in milliseconds.
@@ -101,6 +104,18 @@ class RunDir:
     @property
     def model_pt(self) -> Path:
         return self.path / "model.pt"
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / "predictions.npz"
+
+    @property
+    def robustness(self) -> Path:
+        return self.path / "robustness.npz"
+
+    @property
+    def explain(self) -> Path:
+        return self.path / "explain.npz"
 
     @property
     def worker_log(self) -> Path:

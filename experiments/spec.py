@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from common.schema import PLACEMENT_FIELDS
+from experiments.precision import PRECISIONS
 from lightning_modules.catalog import DATASETS, MODELS, PRETRAINING_SOURCES
 from lightning_modules.vit_config import ARCH_FIELDS, ConfigError
 
@@ -69,8 +70,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 PROFILES["cluster"] = {**PROFILES["gpu"], "devices": 4, "batch_size": 1024, "lr": 2e-3, "num_workers": 8}
 
 AUGMENTS = ("none", "basic", "randaug")
-PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
 WANDB_MODES = ("auto", "online", "offline", "off")
+# Fields added after the first runs, with the defaults that reproduce the behaviour before them: left
+# out of run_id at these values, so the ids of earlier runs do not change.
+LATER_FIELDS: dict[str, Any] = {"patience": 0, "val_fraction": 0.0, "pretrain_epochs": 0.0, "robust_subset": 0}
 # timm.create_model arguments that the spec sets itself (from dataset, in_chans, drop_path, pretraining).
 SPEC_SET_KWARGS = ("num_classes", "in_chans", "drop_path_rate", "pretrained", "pretrained_cfg_overlay")
 
@@ -79,10 +82,23 @@ SPEC_SET_KWARGS = ("num_classes", "in_chans", "drop_path_rate", "pretrained", "p
 class RunSpec:
     """Everything that defines one training run (see PROFILES for defaults).
 
-    The training budget grows with the training-set size:
-    `steps = clamp(ceil(epochs * n_train / batch_size), min_steps, max_steps)`,
-    identical for every net, so a curve over sizes measures data, not
-    under-training.
+    The step budget (`train_steps`): with `epochs` 0 (the profiles' protocol)
+    every training size gets the same `max_steps` steps, so the data size is
+    not tied to compute; the checkpoint is the best of `num_evals` evenly
+    spaced validations, and with `patience` > 0 training stops once
+    validation accuracy has not improved for that many evaluations (never
+    before `min_steps`). A run that used its whole budget while still
+    improving is flagged in its result (`improving_at_end`). With `epochs` > 0
+    the budget instead follows the data,
+    `clamp(ceil(epochs * n_train / batch_size), min_steps, max_steps)`, the
+    rule of runs made before the protocol.
+
+    `data_seed` (subset, split, order and augmentation) follows `seed` unless
+    set, so a cell's spread over seeds covers the data as well as the
+    initialisation. Fields added after the first runs (`patience`,
+    `val_fraction`, `pretrain_epochs`, `robust_subset`, the architecture
+    overrides) are left out of `run_id` at their defaults, which reproduce the
+    earlier behaviour, so existing run ids stay valid.
     """
 
     # what is compared
@@ -90,7 +106,7 @@ class RunSpec:
     dataset: str
     train_fraction: float
     seed: int
-    data_seed: int
+    data_seed: int | None  # None: the seed's value
     profile: str
     pretraining: str
     # pretraining (used when pretraining is fractaldb or a dataset)
@@ -119,6 +135,11 @@ class RunSpec:
     precision: str
     devices: int
     grad_clip: float
+    # the protocol (defaults = the behaviour before these fields existed; see LATER_FIELDS)
+    patience: int = 0
+    val_fraction: float = 0.0
+    pretrain_epochs: float = 0.0
+    robust_subset: int = 0
     # architecture overrides (None / empty: the registry's net). ViT fields, named as ARCH_FIELDS:
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -141,9 +162,13 @@ class RunSpec:
     role: str = field(default="train")
 
     # ------------------------------------------------------------------ build
+    def __post_init__(self) -> None:
+        if self.data_seed is None:  # follows the seed: a seed varies initialisation and data together
+            object.__setattr__(self, "data_seed", self.seed)
+
     @classmethod
     def create(cls, profile: str = "cpu", **overrides: Any) -> "RunSpec":
-        """Profile defaults + overrides -> a validated spec.
+        """Profile defaults + overrides -> a validated spec (`data_seed` = `seed` unless given).
 
         Raises:
             SpecError: unknown field, or a value outside what is allowed.
@@ -154,7 +179,7 @@ class RunSpec:
         for name in overrides:
             if name not in known:
                 raise SpecError("field", name, "one of " + ", ".join(sorted(known)))
-        values = {**PROFILES[profile], "profile": profile, "seed": 0, "data_seed": 0, "in_chans": 0,
+        values = {**PROFILES[profile], "profile": profile, "seed": 0, "data_seed": None, "in_chans": 0,
                   "train_fraction": 1.0, "pretraining": "none", **overrides}
         spec = cls(**values)
         spec.validate()
@@ -201,6 +226,9 @@ class RunSpec:
                 values[name] = float(values[name])  # 2 and 2.0 are one net
         if not values["model_kwargs"]:
             del values["model_kwargs"]
+        for name, default in LATER_FIELDS.items():
+            if values[name] == default:
+                del values[name]
         return values
 
     @property
@@ -239,20 +267,28 @@ class RunSpec:
         timm). `fractaldb` pretrains on `pretrain_classes` x
         (`pretrain_size` / `pretrain_classes`) formula-driven images; a dataset
         name pretrains on `pretrain_fraction` of that dataset. The upstream
-        uses the same net, recipe, image size and seed, with a fixed
-        `pretrain_steps` budget; it is shared by every run that needs it.
+        uses the same net, recipe, image size and seed; its budget is
+        `pretrain_steps`, or with `pretrain_epochs` that many passes over its
+        images (so a larger pretraining set gets a proportionally larger
+        budget). With `patience`, it stops once its own validation accuracy
+        has plateaued (never before half its budget). It is shared by every
+        run that needs it.
         """
         if self.pretraining in ("none", "imagenet"):
             return None
         is_fractal = self.pretraining == "fractaldb"
+        budget = self.pretrain_steps
+        if self.pretrain_epochs > 0:
+            budget = max(self.num_evals, math.ceil(self.pretrain_epochs * self.pretrain_images / self.batch_size))
+        early_stopping = dict(epochs=0.0, min_steps=max(1, budget // 2)) if self.patience else dict(min_steps=budget)
         return dataclasses.replace(
             self,
             dataset=self.pretraining,
             train_fraction=1.0 if is_fractal else self.pretrain_fraction,
             pretraining="none",
             in_chans=self.net_in_chans,
-            min_steps=self.pretrain_steps,
-            max_steps=self.pretrain_steps,
+            max_steps=budget,
+            **early_stopping,
             # the target's augmentation and regularisation, the source's data
             role="pretrain",
             # fields meaningless upstream are normalised so that every target
@@ -263,14 +299,30 @@ class RunSpec:
             pretrain_steps=self.pretrain_steps,
             mixup_alpha=0.0,
             cutmix_alpha=0.0,
+            robust_subset=0,
         )
+
+    @property
+    def pretrain_images(self) -> int:
+        """Images the pretraining run trains on (0 when not known before loading, e.g. an image folder)."""
+        if self.pretraining == "fractaldb":
+            return self.pretrain_size
+        info = DATASETS.get(self.pretraining)
+        return round(self.pretrain_fraction * info.n_train) if info is not None and info.n_train else 0
 
     # ------------------------------------------------------------- budget
     def train_steps(self, n_train: int) -> int:
-        """Optimizer steps for `n_train` images, a multiple of num_evals."""
-        steps = math.ceil(self.epochs * n_train / self.batch_size)
-        steps = min(max(steps, self.min_steps), self.max_steps)
+        """The step budget for `n_train` images (a multiple of num_evals): `max_steps` at every size when
+        `epochs` is 0, else `epochs` passes over the data between `min_steps` and `max_steps`."""
+        steps = self.max_steps
+        if self.epochs > 0:
+            steps = min(max(math.ceil(self.epochs * n_train / self.batch_size), self.min_steps), self.max_steps)
         return math.ceil(steps / self.num_evals) * self.num_evals
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between validations when the budget is `max_steps` (the protocol's fixed budget)."""
+        return self.train_steps(0) // self.num_evals if self.epochs == 0 else 0
 
     # ------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -313,7 +365,8 @@ class RunSpec:
         need(is_int(v.img_size) and 8 <= v.img_size <= 1024, "img_size", "an integer in [8, 1024]")
         need(v.in_chans in (0, 1, 3), "in_chans", "0 (the dataset's own) | 1 | 3")
         need(is_int(v.batch_size) and v.batch_size > 0, "batch_size", "an integer > 0")
-        need(is_num(v.epochs) and v.epochs > 0, "epochs", "a number > 0")
+        need(is_num(v.epochs) and v.epochs >= 0, "epochs",
+             "a number >= 0 (0: the same max_steps at every training size)")
         need(is_int(v.min_steps) and v.min_steps > 0, "min_steps", "an integer > 0")
         need(is_int(v.max_steps) and v.max_steps > 0, "max_steps", "an integer > 0")
         need(v.max_steps >= v.min_steps, "max_steps", f"an integer >= min_steps ({v.min_steps})")
@@ -332,6 +385,17 @@ class RunSpec:
         need(is_int(v.devices) and v.devices > 0, "devices", "an integer > 0")
         need(v.batch_size % v.devices == 0, "batch_size", f"a multiple of devices ({v.devices})")
         need(is_num(v.grad_clip) and v.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = off)")
+        need(is_int(v.patience) and v.patience >= 0, "patience",
+             "an integer >= 0 (evaluations without improvement before stopping; 0 = never stop early)")
+        need(is_num(v.val_fraction) and 0 <= v.val_fraction < 1, "val_fraction",
+             "a number in [0, 1) (0: exactly val_size validation images)")
+        need(is_num(v.pretrain_epochs) and v.pretrain_epochs >= 0, "pretrain_epochs",
+             "a number >= 0 (0: pretrain_steps steps)")
+        if v.pretrain_epochs > 0 and v.pretraining not in ("none", "imagenet"):
+            need(v.pretrain_images > 0, "pretrain_epochs",
+                 f"0 for pretraining={v.pretraining} (its size is unknown before loading: set pretrain_steps)")
+        need(is_int(v.robust_subset) and v.robust_subset >= 0, "robust_subset",
+             "an integer >= 0 (test images under corruption and occlusion; 0 = off)")
         need(isinstance(v.sweep, str) and v.sweep.replace("_", "").replace("-", "").isalnum(), "sweep",
              "letters, digits, '-' and '_'")
         need(v.data_dir is None or isinstance(v.data_dir, str), "data_dir", "a path or null")

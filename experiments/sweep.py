@@ -44,6 +44,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from common import files
 from experiments.rundir import RunDir
 from experiments.spec import PROFILES, RunSpec, SpecError
 
@@ -81,8 +82,31 @@ class Sweep:
 
     @property
     def ordered(self) -> list[RunSpec]:
-        """Every run, pretraining first."""
-        return [*self.upstream, *self.runs]
+        """Every run in the order a runner takes them: seed by seed (a complete first seed of every cell
+        before the second, so a sweep stopped early is still a comparison), each pretraining run just
+        before the first run that needs it, grid order within a seed."""
+        upstream = {spec.run_id: spec for spec in self.upstream}
+        ordered: list[RunSpec] = []
+        for spec in sorted(self.runs, key=lambda s: s.seed):  # stable: grid order within a seed
+            up = spec.upstream()
+            if up is not None and up.run_id in upstream:
+                ordered.append(upstream.pop(up.run_id))
+            ordered.append(spec)
+        return ordered
+
+    def manifest(self) -> dict[str, Any]:
+        """What `runs/SWEEP/sweep.json` says: the expected runs, so a report on a partial sweep names what
+        is missing."""
+        def row(spec: RunSpec) -> dict[str, Any]:
+            up = spec.upstream()
+            return {"run_id": spec.run_id, "role": spec.role, "model": spec.model, "arch": spec.arch,
+                    "dataset": spec.dataset, "train_fraction": spec.train_fraction, "pretraining": spec.pretraining,
+                    "pretrain_size": spec.pretrain_size if spec.pretraining == "fractaldb" else None,
+                    "seed": spec.seed, "upstream": up.run_id if up is not None else None,
+                    **{name: getattr(spec, name) for name in self.swept if name not in ("sweep",)}}
+
+        return {"name": self.name, "file": str(self.path), "swept": list(self.swept),
+                "runs": [row(spec) for spec in self.ordered]}
 
     @property
     def profile(self) -> str:
@@ -313,8 +337,11 @@ def summary_table(sweep: Sweep, outcomes: list[Outcome]) -> str:
 class Progress:
     """Prints a line per finished run and the sweep's progress: `[NAME] 5/16 done · 0 failed · 11 left · ETA 12m30s`.
 
-    The ETA is the mean time of the runs trained by this runner times the
-    runs left, divided by the runs in flight at once.
+    The ETA is the runs left's estimated durations (`estimates`: from step
+    times measured before the sweep, `experiments.eta`), scaled by how long
+    the runs trained here took against their estimates, divided by the runs
+    in flight at once; without estimates, the mean time of the runs trained
+    here times the runs left.
     """
 
     def __init__(self, sweep: Sweep, parallel: int, out: TextIO) -> None:
@@ -322,6 +349,8 @@ class Progress:
         self.total = len(sweep.ordered)
         self.outcomes: dict[str, Outcome] = {}
         self.durations: list[float] = []
+        self.estimates: dict[str, float] = {}
+        self._estimated_done: list[tuple[float, float]] = []  # (estimate, actual) of runs trained here
 
     def say(self, text: str) -> None:
         print(f"[{self.sweep.name}] {text}", file=self.out, flush=True)
@@ -331,6 +360,8 @@ class Progress:
         self.outcomes[outcome.spec.run_id] = outcome
         if seconds is not None:
             self.durations.append(seconds)
+            if outcome.spec.run_id in self.estimates:
+                self._estimated_done.append((self.estimates[outcome.spec.run_id], seconds))
         if not quiet:
             acc = f" · test/acc1 {_acc(outcome.result)}" if outcome.status == "completed" else ""
             error = f" · {outcome.result['error']}" if outcome.result and outcome.result.get("error") else ""
@@ -349,14 +380,24 @@ class Progress:
         failed = len(self.outcomes) - done
         return done, failed, self.total - done - failed
 
+    def eta_seconds(self) -> float | None:
+        """Seconds until every run left has ended, or None when nothing is known yet."""
+        left = [s.run_id for s in self.sweep.ordered if s.run_id not in self.outcomes]
+        if not left:
+            return 0.0
+        if left and all(run_id in self.estimates for run_id in left):
+            scale = 1.0
+            if self._estimated_done:
+                scale = sum(a for _, a in self._estimated_done) / sum(e for e, _ in self._estimated_done)
+            return scale * sum(self.estimates[run_id] for run_id in left) / self.parallel
+        if self.durations:
+            return sum(self.durations) / len(self.durations) * len(left) / self.parallel
+        return None
+
     def line(self) -> str:
         done, failed, left = self.counts()
-        eta = "?"
-        if not left:
-            eta = "0s"
-        elif self.durations:
-            eta = format_duration(sum(self.durations) / len(self.durations) * left / self.parallel)
-        return f"{done}/{self.total} done · {failed} failed · {left} left · ETA {eta}"
+        eta = self.eta_seconds()
+        return f"{done}/{self.total} done · {failed} failed · {left} left · ETA {'?' if eta is None else format_duration(eta)}"
 
     def summary(self) -> str:
         ordered = [self.outcomes[s.run_id] for s in self.sweep.ordered if s.run_id in self.outcomes]
@@ -397,8 +438,14 @@ def dry_run(sweep: Sweep, runs_dir: Path, retry_failed: bool, out: TextIO, resou
     return 0
 
 
+def write_manifest(sweep: Sweep, runs_dir: Path) -> None:
+    """Write `runs_dir/SWEEP/sweep.json`: the runs the sweep expects (the report marks those missing)."""
+    files.write_json(Path(runs_dir) / sweep.name / "sweep.json", sweep.manifest())
+
+
 # ================================================================== local executor
-def _worker(spec_dict: dict[str, Any], runs_dir: str, threads: int, blocking: bool, log_path: str) -> None:
+def _worker(spec_dict: dict[str, Any], runs_dir: str, threads: int, blocking: bool, log_path: str,
+            precision: str) -> None:
     """A worker process: one run on `threads` threads, its output appended to `log_path`.
 
     Exit code 0 (the run has a result), 2 (bad input, the reason on stderr) or
@@ -414,7 +461,7 @@ def _worker(spec_dict: dict[str, Any], runs_dir: str, threads: int, blocking: bo
 
     torch.set_num_threads(threads)
     try:
-        result = train.run(RunSpec.from_dict(spec_dict), runs_dir, blocking=blocking)
+        result = train.run(RunSpec.from_dict(spec_dict), runs_dir, blocking=blocking, precision=precision)
     except ValueError as exc:  # SpecError, DataError, ModelError
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
@@ -439,24 +486,36 @@ class LocalRunner:
     """
 
     def __init__(self, sweep: Sweep, runs_dir: Path, parallel: int = 1, retry_failed: bool = False,
-                 out: TextIO = sys.stdout) -> None:
+                 out: TextIO = sys.stdout, estimate: bool = True) -> None:
+        from experiments.precision import detect, resolve
+
         cores = len(os.sched_getaffinity(0))
-        self.sweep, self.runs_dir, self.retry_failed = sweep, Path(runs_dir), retry_failed
+        self.sweep, self.runs_dir, self.retry_failed, self.estimate = sweep, Path(runs_dir), retry_failed, estimate
         self.parallel = max(1, min(parallel, cores))
         self.threads = max(1, cores // self.parallel)
         self.progress = Progress(sweep, self.parallel, out)
         self.running: dict[int, _Running] = {}
         self.deferred: list[RunSpec] = []
         self.bad_input: str | None = None
+        # resolved once for the whole sweep, so both nets of every comparison share it
+        self.hardware = detect()
+        self.precision = {spec.run_id: resolve(spec.precision, self.hardware) for spec in sweep.ordered}
 
     def run(self) -> int:
         """Run every run that needs it; print progress and a summary. Returns the exit code."""
+        write_manifest(self.sweep, self.runs_dir)
         for outcome in initial_outcomes(self.sweep, self.runs_dir, self.retry_failed).values():
             self.progress.record(outcome, quiet=True)
         queue = [s for s in self.sweep.ordered if s.run_id not in self.progress.outcomes]
         mode = ("in this process" if self.parallel == 1
                 else f"{self.parallel} at a time, {plural(self.threads, 'thread')} each")
         self.progress.header(f"to run ({mode})")
+        precisions = sorted(set(self.precision[s.run_id] for s in queue))
+        if queue:
+            self.progress.say(f"precision {', '.join(precisions)} on {self.hardware.accelerator} "
+                              f"({self.hardware.evidence}), the same for every run")
+        if queue and self.estimate:
+            self._estimate(queue)
         try:
             self._drain(queue)
         finally:
@@ -469,6 +528,21 @@ class LocalRunner:
         self.progress.say("summary\n" + self.progress.summary())
         done, failed, left = self.progress.counts()
         return 0 if failed == left == 0 else EXIT_FAILED
+
+    def _estimate(self, queue: list[RunSpec]) -> None:
+        """Measure each net's step time here, then print the sweep's ETA."""
+        from experiments import eta
+
+        times: dict[tuple, eta.StepTimes] = {}
+        for spec in queue:
+            key = eta.net_key(spec, self.precision[spec.run_id])
+            if key not in times:
+                times[key] = eta.measure(spec, self.precision[spec.run_id])
+            self.progress.estimates[spec.run_id] = eta.estimate_seconds(spec, times[key]) * self.parallel
+        measured = "; ".join(f"{key[0]} {t.train_step_s:.2f} s/step" for key, t in times.items())
+        total = self.progress.eta_seconds() or 0.0
+        self.progress.say(f"ETA {format_duration(total)} (at most: runs with patience may stop early), "
+                          f"from step times measured here: {measured}")
 
     def _drain(self, queue: list[RunSpec]) -> None:
         while self.bad_input is None and (queue or self.deferred or self.running):
@@ -506,7 +580,8 @@ class LocalRunner:
         log = RunDir.of(self.runs_dir, spec).worker_log
         log.parent.mkdir(parents=True, exist_ok=True)
         process = multiprocessing.get_context("spawn").Process(
-            target=_worker, args=(spec.to_dict(), str(self.runs_dir), self.threads, blocking, str(log)),
+            target=_worker, args=(spec.to_dict(), str(self.runs_dir), self.threads, blocking, str(log),
+                                  self.precision[spec.run_id]),
             name=f"run-{spec.run_id}")
         process.start()
         self.running[process.sentinel] = _Running(spec, process, time.perf_counter(), log)
@@ -516,7 +591,7 @@ class LocalRunner:
 
         t0 = time.perf_counter()
         try:
-            result = train.run(spec, self.runs_dir, blocking=blocking)
+            result = train.run(spec, self.runs_dir, blocking=blocking, precision=self.precision[spec.run_id])
         except ValueError as exc:  # bad input: nothing was written; stop the sweep
             self.bad_input = f"error: {spec.run_id}: {exc}"
             return
@@ -664,6 +739,7 @@ class SlurmRunner:
 
     def run(self) -> int:
         """Submit (and, with `wait`, follow) the arrays. Returns the exit code."""
+        write_manifest(self.sweep, self.runs_dir)
         for outcome in initial_outcomes(self.sweep, self.runs_dir, self.retry_failed).values():
             self.progress.record(outcome, quiet=True)
         self.progress.header(f"to submit ({self.cluster})")

@@ -119,7 +119,7 @@ def build_datamodule(spec: RunSpec) -> ImageDataModule:
     return ImageDataModule(
         dataset=spec.dataset, img_size=spec.img_size, in_chans=spec.net_in_chans,
         batch_size=spec.batch_size // spec.devices, train_fraction=spec.train_fraction, val_size=spec.val_size,
-        data_seed=spec.data_seed, augment=spec.augment, mixup_alpha=spec.mixup_alpha,
+        val_fraction=spec.val_fraction, data_seed=spec.data_seed, augment=spec.augment, mixup_alpha=spec.mixup_alpha,
         cutmix_alpha=spec.cutmix_alpha, data_dir=spec.data_dir, fractal_classes=spec.pretrain_classes,
         fractal_size=spec.pretrain_size, fractal_seed=spec.seed, num_workers=spec.num_workers)
 
@@ -228,8 +228,12 @@ def _callbacks() -> tuple[Any, Any]:
 
 
 # ------------------------------------------------------------------ one run
-def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True) -> dict[str, Any] | None:
+def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True,
+        precision: str | None = None) -> dict[str, Any] | None:
     """Train and evaluate one spec; return its result (also in result.json).
+
+    `precision` is what a sweep resolved `spec.precision` to, once for all its
+    runs (so both nets share it); None resolves it here, for this machine.
 
     A completed run is not repeated: its result is returned. An interrupted
     run resumes from `checkpoints/last.ckpt`. The run holds a lock while it
@@ -254,12 +258,12 @@ def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True) -> 
         done = rundir.completed_result()  # another worker may have finished it meanwhile
         if done is not None:
             return done
-        upstream_dir = ensure_pretrained(upstream, runs_dir) if upstream is not None else None
+        upstream_dir = ensure_pretrained(upstream, runs_dir, precision) if upstream is not None else None
         del upstream  # its data is not needed while this run trains
-        return train(prepared, rundir, upstream_dir)
+        return train(prepared, rundir, upstream_dir, precision)
 
 
-def ensure_pretrained(upstream: Prepared, runs_dir: Path | str) -> RunDir:
+def ensure_pretrained(upstream: Prepared, runs_dir: Path | str, precision: str | None = None) -> RunDir:
     """Run the pretraining run once (under its lock) and return its directory.
 
     Raises:
@@ -267,13 +271,24 @@ def ensure_pretrained(upstream: Prepared, runs_dir: Path | str) -> RunDir:
     """
     rundir = RunDir.of(runs_dir, upstream.spec)
     with rundir.lock():
-        result = rundir.completed_result() or train(upstream, rundir, None)
+        result = rundir.completed_result() or train(upstream, rundir, None, precision)
     if result.get("status") != "completed":
         raise RuntimeError(f"pretraining run {upstream.spec.run_id} {result.get('status')}: {result.get('error')}")
     return rundir
 
 
-def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None) -> dict[str, Any]:
+def resolved_precision(spec: RunSpec, precision: str | None) -> tuple[str, str]:
+    """The precision a run uses (the sweep's resolution, else `spec.precision` resolved for this machine) and a
+    one-line description of the hardware it was resolved against."""
+    from experiments.precision import detect, resolve
+
+    hardware = detect()
+    described = f"{hardware.accelerator}: {hardware.name} ({hardware.evidence})"
+    return precision or resolve(spec.precision, hardware), described
+
+
+def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None,
+          precision: str | None = None) -> dict[str, Any]:
     """Build, fit and test, then record: the result (status failed or diverged, with one line, when it broke)."""
     spec = prepared.spec
     started = datetime.now(timezone.utc)
@@ -283,12 +298,13 @@ def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None) -> di
     record = base_record(spec)
     logger_wandb = None
     try:
+        record["precision"], record["hardware"] = resolved_precision(spec, precision)
         built = build(prepared, upstream_dir)
         record.update(built.facts)
         mode = wandb_mode(spec.wandb)
         if mode != "off":
             logger_wandb = wandb_logger(spec, rundir.path, mode)
-        record.update(fit_and_test(spec, built, prepared.datamodule, rundir, logger_wandb))
+        record.update(fit_and_test(spec, built, prepared.datamodule, rundir, logger_wandb, record["precision"]))
     except Exception as exc:  # recorded, not hidden: status + one-line error + error.log
         record["status"] = "diverged" if isinstance(exc, FloatingPointError) else "failed"
         record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
@@ -344,29 +360,34 @@ def build(prepared: Prepared, upstream_dir: RunDir | None) -> Built:
     if upstream_dir is not None:
         upstream = upstream_dir.read_result()
         load_backbone(net, torch.load(upstream_dir.model_pt, map_location="cpu", weights_only=True))
-        facts.update(pretrained_from=upstream["run_id"], pretrain_size=upstream["n_train"])
+        facts.update(pretrained_from=upstream["run_id"], pretrain_size=upstream["n_train"],
+                     upstream_val_acc1=upstream["selected"]["val/acc1"],
+                     upstream_improving_at_end=upstream.get("improving_at_end"))
     flops = flops_per_image(net, spec.net_in_chans, spec.img_size)
     facts.update(architecture=architecture(**net_args), params=count_params(net), flops_per_image=flops)
     steps = spec.train_steps(datamodule.n_train)
     module = ImageClassifier(net, datamodule.num_classes, lr=spec.lr, weight_decay=spec.weight_decay,
                              total_steps=steps, warmup_steps=round(spec.warmup_frac * steps),
                              min_lr_ratio=spec.min_lr_ratio, label_smoothing=spec.label_smoothing)
+    facts["budget_steps"] = steps
     return Built(module, steps, flops, facts)
 
 
 def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundir: RunDir,
-                 logger_wandb: Any) -> dict[str, Any]:
+                 logger_wandb: Any, precision: str) -> dict[str, Any]:
     """Fit (resuming from last.ckpt when there is one), then test the checkpoint selected on validation.
 
     Returns:
-        The result's fields from training: status, selected, metrics, steps, images, FLOPs, time.
+        The result's fields from training: status, selected, metrics, evaluations, how the budget ended,
+        steps, images, FLOPs, time; `predictions.npz` (the selected checkpoint's test and validation logits)
+        is written to the run directory.
 
     Raises:
         FloatingPointError: the training loss became non-finite (the run diverged).
     """
     import lightning.pytorch as pl
     import torch
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     out: dict[str, Any] = {}
@@ -379,40 +400,83 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     checkpoint = ModelCheckpoint(dirpath=rundir.checkpoints, filename="best", monitor="val/acc1", mode="max",
                                  save_last=True, save_top_k=1, enable_version_counter=False)
     history, clock = _callbacks()
+    callbacks = [checkpoint, history, clock, LearningRateMonitor(logging_interval="step")]
+    if spec.patience:  # strict improvement, as the checkpoint keeps the first best
+        callbacks.append(EarlyStopping(monitor="val/acc1", mode="max", patience=spec.patience,
+                                       check_on_train_epoch_end=False))
     on_cpu = not torch.cuda.is_available()
     steps = built.steps
     trainer = pl.Trainer(
-        max_steps=steps, max_epochs=-1, val_check_interval=steps // spec.num_evals,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, precision=spec.precision,
-        accelerator="auto", devices=spec.devices, strategy="ddp" if spec.devices > 1 else "auto",
-        deterministic=on_cpu, benchmark=not on_cpu, gradient_clip_val=spec.grad_clip or None,
-        log_every_n_steps=max(1, min(50, steps // 20)), logger=loggers,
-        callbacks=[checkpoint, history, clock, LearningRateMonitor(logging_interval="step")],
-        enable_model_summary=False, default_root_dir=str(rundir.path))
+        max_steps=steps, max_epochs=-1, min_steps=min(spec.min_steps, steps) if spec.patience else None,
+        val_check_interval=steps // spec.num_evals, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        precision=precision, accelerator="auto", devices=spec.devices,
+        strategy="ddp" if spec.devices > 1 else "auto", deterministic=on_cpu, benchmark=not on_cpu,
+        gradient_clip_val=spec.grad_clip or None, log_every_n_steps=max(1, min(50, steps // 20)),
+        logger=loggers, callbacks=callbacks, enable_model_summary=False, default_root_dir=str(rundir.path))
     resume = rundir.last_ckpt.is_file()
     trainer.fit(built.module, datamodule=datamodule, ckpt_path=str(rundir.last_ckpt) if resume else None,
                 weights_only=True if resume else None)
     # read before trainer.test(): it resets callback_metrics and restores callback state from best.ckpt
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     seen, train_seconds, steps_done = clock.images, clock.seconds, trainer.global_step
+    evaluations = list(history.history)
     if built.module.diverged:
         raise FloatingPointError("training loss became non-finite")
-    selected = max(history.history, key=lambda h: h["val/acc1"])  # first best, as ModelCheckpoint keeps
-    # the test set, and (no augmentation) a fixed part of the training subset for the train-test gap
-    test, train_eval = trainer.test(built.module, dataloaders=[datamodule.test_dataloader(),
-                                                               datamodule.train_eval_dataloader()],
-                                    ckpt_path=checkpoint.best_model_path, weights_only=True, verbose=False)
+    out.update(budget_ending(spec, evaluations, steps_done, steps))
+    # the test set, a fixed part of the training subset without augmentation (the train-test gap), and the
+    # validation split again, whose logits at the selected checkpoint calibrate the temperature
+    test, train_eval, _ = trainer.test(
+        built.module, dataloaders=[datamodule.test_dataloader(), datamodule.train_eval_dataloader(),
+                                   datamodule.val_dataloader()],
+        ckpt_path=checkpoint.best_model_path, weights_only=True, verbose=False)
     metrics = {k: float(v) for k, v in sorted(test.items())}
     metrics["train/acc1"] = float(train_eval["train/acc1"])
     metrics["train/loss"] = train_loss
-    if spec.role == "pretrain" and ddp_rank() == 0:
-        state = built.module.net.state_dict()
-        atomic_write(rundir.model_pt, lambda fh: torch.save(state, fh))
+    if ddp_rank() == 0:
+        write_predictions(rundir, built.module.kept_logits)
+        out["predictions"] = rundir.predictions.name
+        if spec.role == "pretrain":
+            state = built.module.net.state_dict()
+            atomic_write(rundir.model_pt, lambda fh: torch.save(state, fh))
     flops = built.flops_per_image
-    out.update(status="completed", selected=selected, metrics=metrics, train_steps=steps_done,
+    out.update(status="completed", metrics=metrics, train_steps=steps_done,
                train_images_seen=seen, train_flops=3.0 * flops * seen,
                train_images_per_s=seen / train_seconds if train_seconds else None, train_time_s=train_seconds)
     return out
+
+
+def budget_ending(spec: RunSpec, evaluations: list[dict[str, float]], steps_done: int,
+                  budget: int) -> dict[str, Any]:
+    """How the run's budget ended: the selected evaluation, the number of evaluations, whether validation
+    stopped the run early, and whether it was still improving when the budget ran out.
+
+    "Still improving" means: the run used its whole budget and its best validation accuracy came within the
+    last `patience` evaluations (without early stopping: the last quarter of them, at least 2), i.e. more
+    steps would probably have helped. Such cells are flagged and kept out of fits.
+    """
+    best = max(range(len(evaluations)), key=lambda i: evaluations[i]["val/acc1"])  # first best, as the checkpoint
+    stopped_early = steps_done < budget
+    window = spec.patience or max(2, spec.num_evals // 4)
+    return {"selected": evaluations[best], "n_evals": len(evaluations), "stopped_early": stopped_early,
+            "improving_at_end": not stopped_early and best >= len(evaluations) - window}
+
+
+def write_predictions(rundir: RunDir, kept: dict[str, tuple[Any, Any]]) -> None:
+    """predictions.npz: the selected checkpoint's float16 logits and the targets of the test and validation
+    splits (`test_logits`, `test_target`, `test_pred`, `val_logits`, `val_target`), for intervals over test
+    images (n = 1 seed), McNemar tests and calibration, read by the torch-free analysis."""
+    import io
+
+    import numpy as np
+
+    arrays: dict[str, np.ndarray] = {}
+    for split, (logits, labels) in kept.items():
+        arrays[f"{split}_logits"] = logits.float().numpy().astype(np.float16)  # (N, K)
+        arrays[f"{split}_target"] = labels.numpy().astype(np.int64)
+    arrays["test_pred"] = kept["test"][0].argmax(dim=1).numpy().astype(np.int64)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write(rundir.predictions, lambda fh: fh.write(buffer.getvalue()))
 
 
 def record_result(record: dict[str, Any], rundir: RunDir, started: datetime, logger_wandb: Any) -> dict[str, Any]:

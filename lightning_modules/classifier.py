@@ -21,8 +21,13 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 # What `trainer.test` evaluates, by dataloader index: the test set, then (optionally) images of the
-# training subset without augmentation, for the train-test gap. Metrics are named `<split>/acc1` etc.
-TEST_SPLITS = ("test", "train")
+# training subset without augmentation, for the train-test gap (metrics named `<split>/acc1` etc.), and the
+# validation split, whose logits at the selected checkpoint calibrate the temperature (kept, not logged: its
+# metrics are the selected validation's, already in the validation history).
+TEST_SPLITS = ("test", "train", "val")
+LOGGED_SPLITS = ("test", "train")
+# Splits whose logits `trainer.test` keeps (`ImageClassifier.kept_logits`), for predictions.npz.
+KEPT_SPLITS = ("test", "val")
 
 
 def prefers_channels_last(net: nn.Module) -> bool:
@@ -68,9 +73,11 @@ class ImageClassifier(pl.LightningModule):
         })
         self.val_metrics = metrics().clone(prefix="val/")
         self.val_nll = torchmetrics.MeanMetric()
-        self.test_metrics = nn.ModuleList(metrics().clone(prefix=f"{split}/") for split in TEST_SPLITS)
-        self.test_nll = nn.ModuleList(torchmetrics.MeanMetric() for _ in TEST_SPLITS)
+        self.test_metrics = nn.ModuleList(metrics().clone(prefix=f"{split}/") for split in LOGGED_SPLITS)
+        self.test_nll = nn.ModuleList(torchmetrics.MeanMetric() for _ in LOGGED_SPLITS)
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+        self._kept: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.kept_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, num_classes)."""
@@ -95,7 +102,8 @@ class ImageClassifier(pl.LightningModule):
 
     # ---------------------------------------------------------------- eval
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: torchmetrics.MetricCollection,
-                  nll: torchmetrics.MeanMetric, prefix: str) -> None:
+                  nll: torchmetrics.MeanMetric, prefix: str) -> torch.Tensor:
+        """Update and log the split's metrics; returns the batch's (B, K) float logits."""
         images, labels = batch  # (B, C, H, W), (B,)
         logits = self(images).float()  # (B, K)
         probs = logits.softmax(dim=1)
@@ -104,15 +112,41 @@ class ImageClassifier(pl.LightningModule):
         # named by split, not by dataloader index (one trainer.test call evaluates several splits)
         self.log_dict(metrics, on_epoch=True, add_dataloader_idx=False)
         self.log(f"{prefix}/nll", nll, on_epoch=True, add_dataloader_idx=False)
+        return logits
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, self.val_nll, "val")
         self.log("val/loss", self.val_nll, on_epoch=True, prog_bar=True)  # result.json records it in `selected`
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Dataloader `dataloader_idx` holds the split TEST_SPLITS[dataloader_idx]."""
-        self._evaluate(batch, self.test_metrics[dataloader_idx], self.test_nll[dataloader_idx],
-                       TEST_SPLITS[dataloader_idx])
+        """Dataloader `dataloader_idx` holds the split TEST_SPLITS[dataloader_idx]; KEPT_SPLITS keep their logits."""
+        split = TEST_SPLITS[dataloader_idx]
+        if split in LOGGED_SPLITS:
+            logits = self._evaluate(batch, self.test_metrics[dataloader_idx], self.test_nll[dataloader_idx], split)
+        else:
+            logits = self(batch[0]).float()  # (B, K)
+        if split in KEPT_SPLITS:
+            self._kept.setdefault(split, []).append((logits.detach(), batch[1]))
+
+    def on_test_epoch_start(self) -> None:
+        self._kept, self.kept_logits = {}, {}
+
+    def on_test_epoch_end(self) -> None:
+        """Gather each kept split's (logits, labels) from every process, in dataset order.
+
+        Lightning's evaluation sampler gives rank r the items r, r + W, r + 2W, ...
+        of the dataset padded to a multiple of W, so the gathered (W, n, ...)
+        tensors read back in order by position, then the padding is dropped.
+        """
+        for split, parts in self._kept.items():
+            logits = torch.cat([p[0] for p in parts])  # (n, K) on this process
+            labels = torch.cat([p[1] for p in parts])  # (n,)
+            size = len(self.trainer.test_dataloaders[TEST_SPLITS.index(split)].dataset)
+            if self.trainer.world_size > 1:
+                logits = self.all_gather(logits).transpose(0, 1).flatten(0, 1)  # (W, n, K) -> (n * W, K)
+                labels = self.all_gather(labels).transpose(0, 1).flatten(0, 1)  # (n * W,)
+            self.kept_logits[split] = (logits[:size].cpu(), labels[:size].cpu())
+        self._kept = {}
 
     # ---------------------------------------------------------------- optim
     def configure_optimizers(self) -> dict:

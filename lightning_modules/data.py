@@ -441,7 +441,11 @@ class ImageDataModule(pl.LightningDataModule):
         img_size / in_chans: what the net consumes.
         batch_size: per-process batch size.
         train_fraction: share of the training pool, in (0, 1] (stratified, nested).
-        val_size: validation images carved from the training split.
+        val_size: validation images carved from the training split (with
+            `val_fraction`: the cap).
+        val_fraction: when > 0, validation takes this share of the training
+            split, capped at `val_size` and at least one image per class, so a
+            folder of a few hundred images keeps most of them for training.
         data_seed: seed of split, subset, order and augmentation.
         augment: "none" | "basic" | "randaug".
         mixup_alpha / cutmix_alpha: torchvision MixUp / CutMix (0 = off).
@@ -453,7 +457,8 @@ class ImageDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, dataset: str, img_size: int, in_chans: int, batch_size: int,
-                 train_fraction: float = 1.0, val_size: int = 2000, data_seed: int = 0,
+                 train_fraction: float = 1.0, val_size: int = 2000, val_fraction: float = 0.0,
+                 data_seed: int = 0,
                  augment: str = "basic", mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  data_dir: str | Path | None = None, download: bool = True,
                  fractal_classes: int = 0, fractal_size: int = 0, fractal_seed: int = 0,
@@ -462,7 +467,8 @@ class ImageDataModule(pl.LightningDataModule):
         if dataset not in DATASETS:
             raise DataError(f"invalid dataset={dataset!r} (allowed: {' | '.join(DATASETS)})")
         self.dataset, self.img_size, self.in_chans = dataset, img_size, in_chans
-        self.batch_size, self.train_fraction, self.val_size = batch_size, train_fraction, val_size
+        self.batch_size, self.train_fraction = batch_size, train_fraction
+        self.val_size, self.val_fraction = val_size, val_fraction
         self.data_seed, self.augment = data_seed, augment
         self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
@@ -484,25 +490,36 @@ class ImageDataModule(pl.LightningDataModule):
             elif name == "synthetic":
                 self.source = make_synthetic()
             else:
-                classes, size, seed = self.fractal
-                self.source = load_fractaldb(classes, size + self.val_size * 2, self.img_size, seed)
+                classes, size, seed = self.fractal  # + a validation and a test split of the same size
+                self.source = load_fractaldb(classes, size + 2 * self.n_val_for(size, classes), self.img_size, seed)
         return self.source
 
     def prepare_data(self) -> None:
         self.load_source()
+
+    def n_val_for(self, n_images: int, num_classes: int) -> int:
+        """Validation images carved from `n_images`: `val_size`, or with `val_fraction` that share of them,
+        capped at `val_size`, at least one per class."""
+        if self.val_fraction <= 0:
+            return self.val_size
+        return min(self.val_size, max(num_classes, round(self.val_fraction * n_images)))
 
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
         src = self.load_source()
         native = DATASETS[self.dataset].native_size
-        test_size = 0 if src.test is not None else self.val_size
-        if self.val_size + test_size >= len(src.train_targets):
-            raise DataError(f"invalid val_size={self.val_size} (allowed: < {len(src.train_targets) - test_size}, "
-                            f"the {self.dataset} training images)")
-        self.train_idx, self.val_idx, test_idx = split_indices(
-            src.train_targets, self.data_seed, self.train_fraction, self.val_size, test_size)
         self.num_classes = int(src.train_targets.max()) + 1
+        n_images = len(src.train_targets)
+        if self.dataset == "fractaldb":  # generated with a validation and a test split on top
+            n_images = self.fractal[1]
+        n_val = self.n_val_for(n_images, self.num_classes)
+        test_size = 0 if src.test is not None else n_val
+        if n_val + test_size >= len(src.train_targets):
+            raise DataError(f"invalid val_size={n_val} (allowed: < {len(src.train_targets) - test_size}, "
+                            f"the {self.dataset} training images; set val_fraction to scale it to the data)")
+        self.train_idx, self.val_idx, test_idx = split_indices(
+            src.train_targets, self.data_seed, self.train_fraction, n_val, test_size)
         self.classes = src.classes
         if native <= 64 and native != self.img_size:  # resize in-memory images once, not every epoch
             for part in (src.train, src.test):

@@ -211,3 +211,25 @@ def test_unaugmented_training_batches_are_transformed_as_one_tensor_with_the_sam
     for (pos, _), (image, label, _) in zip(items, batch):
         row = int(dm.train_idx[pos])
         assert torch.allclose(image, plain(raw.images[row]), atol=1e-6) and label == int(raw.targets[row])
+
+
+def test_the_validation_size_adapts_to_a_small_dataset(tmp_path: Path) -> None:
+    """A cap with a share: a 300-image folder keeps 90 % for training instead of failing on val_size=1000."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 100), ("val", 10)):
+        for c in range(3):
+            folder = tmp_path / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    fixed = ImageDataModule("imagefolder", 16, 3, 8, val_size=1000, data_dir=tmp_path)
+    with pytest.raises(DataError, match=r"invalid val_size=1000 .*val_fraction"):
+        fixed.setup()
+    adaptive = ImageDataModule("imagefolder", 16, 3, 8, val_size=1000, val_fraction=0.1, data_dir=tmp_path)
+    adaptive.setup()
+    assert len(adaptive.val_idx) == 30 and adaptive.n_train == 270
+    capped = ImageDataModule("synthetic", 32, 1, 8, val_size=20, val_fraction=0.1)
+    capped.setup()
+    assert len(capped.val_idx) == 20  # 10 % of 512 would be 51: the cap holds

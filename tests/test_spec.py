@@ -175,3 +175,56 @@ def test_benchmark_candidates_are_distinct_runs() -> None:
                                 **overrides).run_id for name, overrides in CANDIDATES.items()}
     assert len(set(ids.values())) == len(ids)
     assert ids["p8_d256_L4"] == RunSpec.create("cpu", model="vit_tiny_p8").run_id  # the registry's own net
+
+
+# ------------------------------------------------------------------ the protocol (issue 9)
+def test_data_seed_follows_the_seed_unless_set() -> None:
+    assert [RunSpec.create("cpu", seed=s).data_seed for s in (0, 1, 7)] == [0, 1, 7]
+    assert RunSpec.create("cpu", seed=3, data_seed=0).data_seed == 0  # set explicitly: kept
+    # the same computation has one id whether data_seed was spelled out or followed the seed
+    assert RunSpec.create("cpu", seed=2).run_id == RunSpec.create("cpu", seed=2, data_seed=2).run_id
+    assert RunSpec.create("cpu", seed=2).run_id != RunSpec.create("cpu", seed=2, data_seed=0).run_id
+
+
+def test_a_fixed_budget_is_the_same_at_every_training_size() -> None:
+    spec = RunSpec.create("cpu", epochs=0.0, max_steps=320, min_steps=160, num_evals=16)
+    assert {spec.train_steps(n) for n in (300, 5_000, 58_000)} == {320}
+    legacy = spec.replace(epochs=1.5)  # the rule of earlier runs: the budget follows the data
+    assert legacy.train_steps(300) == 160 and legacy.train_steps(58_000) == 320
+
+
+def test_fields_added_later_keep_earlier_run_ids_at_their_defaults() -> None:
+    spec = RunSpec.create("cpu", model="resnet50")
+    for name, value in (("patience", 4), ("val_fraction", 0.1), ("pretrain_epochs", 2.0), ("robust_subset", 500)):
+        changed = spec.replace(**{name: value}, pretraining="fractaldb") if name == "pretrain_epochs" else \
+            spec.replace(**{name: value})
+        assert changed.run_id != (spec.replace(pretraining="fractaldb") if name == "pretrain_epochs" else spec).run_id
+        assert name not in spec.canonical()
+
+
+def test_pretraining_budget_scales_with_its_size_and_stops_on_its_plateau() -> None:
+    small = RunSpec.create("cpu", pretraining="fractaldb", pretrain_size=6_400, pretrain_classes=64,
+                           pretrain_epochs=4.0, batch_size=128, num_evals=16, patience=4)
+    large = small.replace(pretrain_size=25_600)
+    assert small.upstream().max_steps == 200 and large.upstream().max_steps == 800  # 4 passes over each
+    assert small.upstream().train_steps(0) == 208  # rounded up to a multiple of the evaluations
+    assert small.upstream().patience == 4 and small.upstream().min_steps == 100  # at least half the budget
+    assert small.upstream().epochs == 0  # its budget does not follow the target's rule
+    fixed = small.replace(pretrain_epochs=0.0, pretrain_steps=300, patience=0)
+    assert fixed.upstream().max_steps == fixed.upstream().min_steps == 300
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(patience=-1), "patience"), (dict(val_fraction=1.0), "val_fraction"),
+    (dict(pretrain_epochs=-2.0), "pretrain_epochs"), (dict(robust_subset=-5), "robust_subset"),
+    (dict(epochs=-1.0), "epochs"), (dict(precision="fp8"), "precision"),
+    (dict(pretraining="imagefolder", pretrain_epochs=2.0), "pretrain_epochs"),
+])
+def test_protocol_fields_are_validated(overrides: dict, field: str) -> None:
+    with pytest.raises(SpecError, match=rf"^invalid {field}="):
+        RunSpec.create("cpu", **overrides)
+
+
+def test_precision_auto_is_a_request_resolved_per_machine() -> None:
+    spec = RunSpec.create("cpu", precision="auto")
+    assert spec.precision == "auto" and spec.run_id != spec.replace(precision="32-true").run_id

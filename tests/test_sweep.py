@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from experiments.sweep import (
     load_sweep,
     main,
     resources_for,
+    write_manifest,
 )
 from experiments.rundir import RunDir
 
@@ -270,7 +272,7 @@ def test_failed_runs_are_skipped_unless_retried(tmp_path: Path, monkeypatch: pyt
     fake_result(done, tmp_path, "completed")
     trained: list[str] = []
 
-    def fake_train(spec: RunSpec, runs_dir: Path, blocking: bool = True) -> dict[str, Any]:
+    def fake_train(spec: RunSpec, runs_dir: Path, blocking: bool = True, precision: str | None = None) -> dict[str, Any]:
         trained.append(spec.run_id)
         fake_result(spec, runs_dir, "completed")
         return {**RunDir.of(runs_dir, spec).read_result(), "pid": os.getpid(), "hostname": socket.gethostname()}
@@ -430,3 +432,49 @@ def test_slurm_executor_without_slurm_is_bad_input(tmp_path: Path, capsys: pytes
     assert main([str(TINY), "--executor", "slurm", "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no SLURM here" in err
+
+
+# ------------------------------------------------------------------ the protocol (issue 9)
+def test_runs_go_seed_by_seed_each_pretraining_run_just_before_its_first_use(tmp_path: Path) -> None:
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_config(seed={"values": [0, 1]})))
+    ordered = sweep.ordered
+    seeds = [spec.seed for spec in ordered]
+    assert seeds == sorted(seeds)  # a complete first seed of every cell before the second
+    assert len(ordered) == len(sweep.runs) + len(sweep.upstream) == 10
+    position = {spec.run_id: i for i, spec in enumerate(ordered)}
+    for up in sweep.upstream:
+        users = [position[s.run_id] for s in sweep.runs if s.upstream() and s.upstream().run_id == up.run_id]
+        assert position[up.run_id] == min(users) - 1  # right before its first use, never after
+
+
+def test_the_manifest_lists_every_expected_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_config(seed={"values": [0, 1]})))
+    monkeypatch.setattr("experiments.train.run", lambda spec, runs_dir, blocking=True, precision=None: None)
+    runner = LocalRunner(sweep, tmp_path, out=io.StringIO(), estimate=False)
+    write_manifest(sweep, tmp_path)
+    manifest = json.loads((tmp_path / sweep.name / "sweep.json").read_text())
+    assert [r["run_id"] for r in manifest["runs"]] == [s.run_id for s in sweep.ordered]
+    assert {r["role"] for r in manifest["runs"]} == {"train", "pretrain"} and "seed" in manifest["swept"]
+    assert all(r["upstream"] is None for r in manifest["runs"] if r["pretraining"] == "none")
+    # one precision for the whole sweep, resolved once against this machine
+    assert set(runner.precision.values()) == {"32-true"}  # tiny.yaml asks for it explicitly
+
+
+def test_the_eta_comes_from_step_times_measured_before_the_sweep(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import eta
+
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_config(pretraining={"value": "none"})))
+    calls: list[str] = []
+
+    def fake_measure(spec: RunSpec, precision: str) -> eta.StepTimes:
+        calls.append(spec.model)
+        return eta.StepTimes(train_step_s=0.5, eval_image_s=0.001)
+
+    monkeypatch.setattr(eta, "measure", fake_measure)
+    runner = LocalRunner(sweep, tmp_path, out=io.StringIO())
+    runner._estimate(list(sweep.ordered))
+    assert calls == ["resnet18"]  # one measurement per distinct net
+    per_run = [runner.progress.estimates[s.run_id] for s in sweep.ordered]
+    assert per_run[0] == pytest.approx(8 * 0.5 + eta.evaluated_images(sweep.runs[0]) * 0.001)
+    assert runner.progress.eta_seconds() == pytest.approx(sum(per_run))

@@ -10,20 +10,24 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 import torch
 
 from common import schema
 from experiments.rundir import RunDir
 from experiments.spec import RunSpec
-from experiments.train import main, run
+from experiments.precision import detect, resolve
+from experiments.train import budget_ending, main, run
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="synthetic", min_steps=6, max_steps=6, num_evals=2, val_size=32, batch_size=32,
             precision="32-true")
-# every key of the contract that a completed first attempt has (the others: an error, a resume)
-COMPLETED_KEYS = (set(schema.FIELDS) - {"error", "resumed_at_step"}) | set(schema.SECTIONS)
+# every key of the contract that a completed first attempt from scratch has (the others: an error, a resume,
+# the robustness evaluation, the pretraining run's facts)
+COMPLETED_KEYS = (set(schema.FIELDS) - {"error", "resumed_at_step", "robustness", "upstream_val_acc1",
+                                        "upstream_improving_at_end"}) | set(schema.SECTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +172,53 @@ def test_cli_is_a_module_entry_point(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "experiments.train", "--train-fraction", "2"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: invalid train_fraction=2.0")
+
+
+# ------------------------------------------------------------------ the protocol (issue 9)
+def _history(accs: list[float]) -> list[dict[str, float]]:
+    return [{"step": 10 * (i + 1), "epoch": 0, "val/acc1": a, "val/loss": 1 - a} for i, a in enumerate(accs)]
+
+
+@pytest.mark.parametrize("accs, steps_done, patience, stopped, improving", [
+    ([.5, .6, .7, .8, .9, .95, .96, .97], 80, 0, False, True),  # best at the last of 8: more steps would help
+    ([.5, .9, .8, .8, .8, .8, .8, .8], 80, 0, False, False),  # plateaued long before the budget ended
+    ([.5, .9, .8, .8, .8, .8], 60, 4, True, False),  # validation stopped it early
+    ([.5, .6, .7, .8, .9, .8, .8, .9], 80, 4, False, True),  # the whole budget, best within the last 4
+])
+def test_a_run_still_improving_when_its_budget_ends_is_flagged(accs: list[float], steps_done: int, patience: int,
+                                                                stopped: bool, improving: bool) -> None:
+    spec = RunSpec.create("cpu", num_evals=8, max_steps=80, min_steps=40, epochs=0.0, patience=patience)
+    ending = budget_ending(spec, _history(accs), steps_done, budget=80)
+    assert (ending["stopped_early"], ending["improving_at_end"]) == (stopped, improving)
+    assert ending["selected"]["val/acc1"] == max(accs) and ending["n_evals"] == len(accs)
+    assert ending["selected"]["step"] == 10 * (accs.index(max(accs)) + 1)  # the first best, as the checkpoint
+
+
+def test_predictions_hold_the_selected_checkpoints_logits(finished: tuple[RunSpec, dict, Path]) -> None:
+    spec, result, runs = finished
+    with np.load(RunDir.of(runs, spec).path / result["predictions"], allow_pickle=False) as saved:
+        test_pred, target = saved["test_pred"], saved["test_target"]
+        assert len(target) == result["n_test"] and saved["val_target"].shape == (result["n_val"],)
+        assert (saved["test_logits"].argmax(1) == test_pred).all()
+        assert saved["val_logits"].shape == (result["n_val"], 4)
+    # the same checkpoint the test metrics came from
+    assert (test_pred == target).mean() == pytest.approx(result["metrics"]["test/acc1"])
+
+
+def test_precision_is_recorded_as_requested_and_resolved(finished: tuple[RunSpec, dict, Path]) -> None:
+    spec, result, _ = finished
+    assert result["spec"]["precision"] == "32-true" and result["precision"] == "32-true"
+    assert result["hardware"].startswith("cpu: ")
+    auto = RunSpec.create("cpu", model="resnet18", **{**TINY, "precision": "auto"})
+    resolved = resolve("auto", detect())
+    assert resolved in ("32-true", "bf16-mixed") and auto.precision == "auto"
+
+
+def test_patience_stops_a_plateaued_run_early_never_before_min_steps(tmp_path: Path) -> None:
+    # a learning rate this small cannot improve validation accuracy beyond its first evaluations
+    spec = RunSpec.create("cpu", model="resnet18", wandb="off", lr=1e-7, warmup_frac=0.0, epochs=0.0, patience=2,
+                          **{**TINY, "min_steps": 8, "max_steps": 24, "num_evals": 12})
+    result = run(spec, tmp_path)
+    assert result["status"] == "completed" and result["stopped_early"] and not result["improving_at_end"]
+    assert 8 <= result["train_steps"] < 24 and result["budget_steps"] == 24
+    assert result["n_evals"] == result["train_steps"] // 2  # one validation every 2 steps

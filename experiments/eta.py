@@ -1,0 +1,97 @@
+"""How long a sweep will take, from step times measured on this machine before it starts.
+
+For each distinct net of a sweep (model, architecture, image size, channels,
+batch, precision) a few training steps of the runs' recipe (forward, loss,
+backward, AdamW; channels-last for CNNs, as `ImageClassifier` does) are
+timed after warm-up on random images, and one evaluation batch; a run's
+estimate is its step budget times the step time plus its evaluations
+(validations, the test set, the training subset) times the per-image
+evaluation time. With early stopping (`patience`) a run may stop sooner, so
+the estimate is an upper bound for those runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from experiments.spec import RunSpec
+from lightning_modules.catalog import DATASETS
+
+WARMUP_STEPS = 2
+TIMED_STEPS = 3
+TRAIN_EVAL_IMAGES = 1024  # the training subset evaluated for the train-test gap (ImageDataModule.train_eval_size)
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds per training step (one batch) and per evaluated image, for one net on this machine."""
+
+    train_step_s: float
+    eval_image_s: float
+
+
+def net_key(spec: RunSpec, precision: str) -> tuple:
+    """What determines a run's speed: the net, its input, the batch and the precision."""
+    return (spec.model, tuple(sorted(spec.net_overrides.items())), spec.img_size, spec.net_in_chans,
+            spec.batch_size // spec.devices, precision)
+
+
+def measure(spec: RunSpec, precision: str) -> StepTimes:
+    """Time `TIMED_STEPS` training steps (after `WARMUP_STEPS`) and one evaluation batch of `spec`'s net."""
+    import torch
+    import torch.nn.functional as F
+
+    from lightning_modules.classifier import prefers_channels_last
+    from lightning_modules.models import build_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    classes = DATASETS[spec.dataset].num_classes or 10
+    net = build_model(spec.model, classes, spec.net_in_chans, spec.img_size, overrides=spec.net_overrides)
+    layout = torch.channels_last if prefers_channels_last(net) else torch.contiguous_format
+    net = net.to(device=device, memory_format=layout).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    batch = spec.batch_size // spec.devices
+    images = torch.randn(batch, spec.net_in_chans, spec.img_size, spec.img_size, device=device)
+    images = images.contiguous(memory_format=layout)
+    labels = torch.randint(0, classes, (batch,), device=device)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    for step in range(WARMUP_STEPS + TIMED_STEPS):
+        if step == WARMUP_STEPS:
+            start = now()
+        with autocast:
+            loss = F.cross_entropy(net(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    train_step_s = (now() - start) / TIMED_STEPS
+    net.eval()
+    with torch.no_grad(), autocast:
+        net(images)  # warm-up
+        start = now()
+        net(images)
+        eval_image_s = (now() - start) / batch
+    return StepTimes(train_step_s, eval_image_s)
+
+
+def evaluated_images(spec: RunSpec) -> int:
+    """Images a run evaluates: every validation, the test set, the training subset and validation once more."""
+    info = DATASETS[spec.dataset]
+    n_images = spec.pretrain_size if spec.dataset == "fractaldb" else (info.n_train or 0)
+    n_val = spec.val_size if spec.val_fraction <= 0 else min(spec.val_size, round(spec.val_fraction * n_images))
+    n_test = info.n_test or n_val
+    return (spec.num_evals + 1) * n_val + n_test + TRAIN_EVAL_IMAGES
+
+
+def estimate_seconds(spec: RunSpec, times: StepTimes) -> float:
+    """A run's estimated duration: its step budget plus its evaluations (an upper bound with early stopping)."""
+    info = DATASETS[spec.dataset]
+    n_train = round(spec.train_fraction * (info.n_train or 0)) if info.n_train else spec.pretrain_size
+    return spec.train_steps(n_train) * times.train_step_s + evaluated_images(spec) * times.eval_image_s
