@@ -1,7 +1,7 @@
 """RunSpec: one run, as a frozen, validated, hashable value.
 
 A spec is built from a profile's defaults plus explicit overrides
-(`RunSpec.create(profile="cpu", model="vit_tiny_p8", train_fraction=0.1)`),
+(`RunSpec.create(profile="cpu", model="vit_tiny_p4", train_fraction=0.1)`),
 validated field by field, and identified by `run_id`: the first 12 hex digits
 of the SHA-256 of its canonical JSON (placement fields such as the sweep name,
 data directory or W&B mode are left out, so the same experiment has the same

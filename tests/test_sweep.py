@@ -107,7 +107,12 @@ def test_shipped_sweeps_hold_the_planned_grids() -> None:
     default, data, scale = (load_sweep(REPO / "experiments" / "sweeps" / f"{n}.yaml")
                             for n in ("default", "data_efficiency", "pretraining_scale"))
     assert default.profile == "cpu" and {s.dataset for s in default.runs} == {"fashion_mnist"}
-    assert len(default.runs) == 2 * 4 * 2 and len(default.upstream) == 2
+    # the minimum: both nets, >= 3 sizes spanning >= 1.2 decades, >= 2 seeds, from scratch
+    fractions = sorted({s.train_fraction for s in default.runs})
+    assert {s.arch for s in default.runs} == {"vit", "cnn"} and len(fractions) >= 3
+    assert fractions[-1] / fractions[0] >= 10 ** 1.2 and len({s.seed for s in default.runs}) >= 2
+    assert {s.pretraining for s in default.runs} == {"none"} and not default.upstream
+    assert {s.data_seed for s in default.runs} == {s.seed for s in default.runs}  # seeds vary the data too
     assert data.profile == "cluster" and len(data.runs) == 2 * 2 * 7 * 3 * 3
     assert {s.pretraining for s in data.runs} == {"none", "imagenet", "fractaldb"}
     assert {s.img_size for s in data.runs} == {224}
@@ -130,7 +135,7 @@ def test_shipped_sweeps_run_unchanged_under_wandb_agent() -> None:
 
 
 def test_a_sweep_varies_the_architecture(tmp_path: Path) -> None:
-    config = tiny_config(model={"value": "vit_tiny_p8"}, pretraining={"value": "none"}, train_fraction={"value": 0.5},
+    config = tiny_config(model={"value": "vit_tiny_p4"}, pretraining={"value": "none"}, train_fraction={"value": 0.5},
                          pos_embed={"values": ["learn", "sincos2d", "none"]}, pool={"values": ["token", "avg"]},
                          patch_size={"values": [4, 8]}, depth={"values": [2, 4]}, embed_dim={"values": [64, 128]})
     sweep = load_sweep(write_sweep(tmp_path / "arch.yaml", config))
@@ -150,7 +155,7 @@ def test_a_sweep_varies_the_architecture(tmp_path: Path) -> None:
 def test_wandb_agent_flags_set_the_architecture() -> None:
     from experiments.train import build_parser, spec_from_args
 
-    vit = spec_from_args(build_parser().parse_args(["--model=vit_tiny_p8", "--pos_embed=none", "--pool=avg",
+    vit = spec_from_args(build_parser().parse_args(["--model=vit_tiny_p4", "--pos_embed=none", "--pool=avg",
                                                     "--class_token=False", "--patch_size=4", "--mlp_ratio=3"]))
     assert vit.net_overrides == {"patch_size": 4, "mlp_ratio": 3.0, "pos_embed": "none", "pool": "avg",
                                  "class_token": False}
@@ -194,11 +199,11 @@ BAD = {
                      ["parameter wandb: value False not allowed", "quote it"]),
     "ViT field on a CNN": (tiny_config(pool={"values": ["avg"]}),
                            ["parameter pool: value avg not allowed (allowed: null for resnet18"]),
-    "patch not dividing the image": (tiny_config(model={"value": "vit_tiny_p8"}, patch_size={"values": [4, 3]}),
+    "patch not dividing the image": (tiny_config(model={"value": "vit_tiny_p4"}, patch_size={"values": [4, 3]}),
                                      ["parameter patch_size: value 3 not allowed (allowed: a divisor of img_size=16)"]),
-    "image not divided by the patch": (tiny_config(model={"value": "vit_tiny_p8"}, img_size={"values": [16, 20]}),
-                                       ["patch_size=8 not allowed (allowed: a divisor of img_size=20) in the run "
-                                        "img_size=20"]),
+    "image not divided by the patch": (tiny_config(model={"value": "vit_tiny_p4"}, img_size={"values": [16, 18]}),
+                                       ["patch_size=4 not allowed (allowed: a divisor of img_size=18) in the run "
+                                        "img_size=18"]),
     "kwargs the spec sets": (tiny_config(model_kwargs={"value": {"num_classes": 3}}),
                              ["parameter model_kwargs: value {'num_classes': 3} not allowed"]),
 }

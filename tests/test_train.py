@@ -120,7 +120,7 @@ def test_completed_runs_are_not_repeated(finished: tuple[RunSpec, dict, Path]) -
 
 def test_both_nets_get_the_same_subset(tmp_path: Path) -> None:
     results = [run(RunSpec.create("cpu", model=m, wandb="off", train_fraction=0.5, **TINY), tmp_path)
-               for m in ("vit_tiny_p8", "resnet18")]
+               for m in ("vit_tiny_p4", "resnet18")]
     assert results[0]["arch"] == "vit" and results[1]["arch"] == "cnn"
     assert results[0]["subset_hash"] == results[1]["subset_hash"]
     assert results[0]["n_train"] == results[1]["n_train"] == 256 - 16
@@ -138,7 +138,7 @@ def test_a_run_that_breaks_records_failed(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_fractaldb_pretraining_then_fine_tuning(tmp_path: Path) -> None:
-    spec = RunSpec.create("cpu", model="vit_tiny_p8", wandb="off", pretraining="fractaldb", pretrain_steps=4,
+    spec = RunSpec.create("cpu", model="vit_tiny_p4", wandb="off", pretraining="fractaldb", pretrain_steps=4,
                           pretrain_size=64, pretrain_classes=4, **TINY)
     result = run(spec, tmp_path)
     up = spec.upstream()
@@ -155,8 +155,8 @@ def test_fractaldb_pretraining_then_fine_tuning(tmp_path: Path) -> None:
     (["--train-fraction", "1.5"], "train_fraction=1.5"),
     (["--max-steps", "0"], "max_steps=0"),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "dataset=imagefolder"),
-    (["--model", "vit_tiny_p8", "--patch-size", "5"], "patch_size=5"),
-    (["--model", "vit_tiny_p8", "--pool", "avg", "--class-token", "maybe"], "class_token='maybe'"),
+    (["--model", "vit_tiny_p4", "--patch-size", "5"], "patch_size=5"),
+    (["--model", "vit_tiny_p4", "--pool", "avg", "--class-token", "maybe"], "class_token='maybe'"),
     (["--model", "resnet18", "--pos-embed", "none"], "pos_embed='none'"),
     (["--model", "resnet18", "--model-kwargs", "{drop_rate: 0.1, colour: red}"], "unexpected keyword argument"),
 ])
