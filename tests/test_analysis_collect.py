@@ -18,7 +18,7 @@ from common import schema
 def test_one_row_per_run_with_flattened_sections(tmp_path):
     runs = runs_of(tmp_path, small_sweep())
     assert len(runs) == len(small_sweep())
-    assert list(runs.columns[: len(schema.FIELDS) + 1]) == [*schema.FIELDS, "path"]
+    assert list(runs.columns[: len(schema.FIELDS) + 2]) == [*schema.FIELDS, "path", "predictions_path"]
     for col in ("test/acc1", "test/acc5", "selected/val/acc1", "selected/step", "architecture/patch_size",
                 "architecture/timm_name", "versions/python", "spec/lr", "spec/role"):
         assert col in runs.columns
@@ -30,7 +30,7 @@ def test_one_row_per_run_with_flattened_sections(tmp_path):
 
 def test_sections_follow_the_schema_order(tmp_path):
     runs = runs_of(tmp_path, [{**make_result(), "run_note": "unknown to the schema"}])
-    rest = list(runs.columns[len(schema.FIELDS) + 1:])
+    rest = list(runs.columns[len(schema.FIELDS) + 2:])
     assert rest[0] == "run_note"  # an unknown top-level scalar: kept, before the sections
     first_column = {"selected": "selected/epoch", "metrics": "test/acc1", "architecture": "architecture/drop_path_rate",
                     "versions": "versions/python", "spec": "spec/batch_size"}
