@@ -75,7 +75,7 @@ class Collection:
         skipped: (path, reason) for every file that was left out.
         plan: the expected runs (`sweep.json`), or None when unknown.
         plan_note: why the plan is unknown ("" when it is known).
-        source: where the runs were read from, for the report ("runs/SWEEP" or "W&B ENTITY/PROJECT").
+        source: where the runs were read from, for the report ("result.json files" or "W&B ENTITY/PROJECT").
     """
 
     runs: pd.DataFrame
@@ -83,6 +83,11 @@ class Collection:
     plan: SweepPlan | None = None
     plan_note: str = ""
     source: str = ""
+
+    @property
+    def expected_runs(self) -> pd.DataFrame | None:
+        """The runs the plan expects (`SweepPlan.runs`), or None when they are unknown."""
+        return None if self.plan is None else self.plan.runs
 
 
 # ------------------------------------------------------------------ rows
@@ -223,8 +228,7 @@ def collect(runs_dir: Path | str = "runs", sweep: str | None = None) -> Collecti
             plan, note = read_plan(root / PLAN_FILE), ""
         except PlanError as err:
             note = str(err)
-    source = (runs_dir / sweep).as_posix() if sweep else runs_dir.as_posix()
-    return Collection(runs, collection.skipped, plan, note, source)
+    return Collection(runs, collection.skipped, plan, note, "result.json files")
 
 
 def save_runs(runs: pd.DataFrame, results_dir: Path | str, sweep: str) -> Path:

@@ -14,6 +14,7 @@ Conventions:
     `n_test` images; for a paired difference, a paired bootstrap over the test
     images plus an exact McNemar test (`p_value`), from both runs' predictions.
   - "none": no interval; `interval_note` says why (e.g. no predictions file).
+  An accuracy's interval is cut to [0, 1], where the accuracy lies.
 - A cell is flagged (`flagged`) when any of its runs was still improving when
   its budget ended (`improving_at_end`); a difference is flagged when either of
   its cells is. Flagged cells stay in the tables, marked, and out of every fit
@@ -251,7 +252,7 @@ def describe(values: Sequence[float], single: dict[str, Any] | None = None) -> d
         low, high = t_interval(x)
         out.update(ci_low=low, ci_high=high, interval="t")
     elif x.size == 1:
-        out.update(single or {"interval_note": "n=1 seed: no interval for this quantity"})
+        out.update(single or {"interval_note": "no test-sampling interval for this quantity"})
     else:
         out["interval_note"] = "no completed run"
     return out
@@ -277,7 +278,7 @@ def _wilson_single(metric: str) -> Single | None:
     def single(row: pd.Series) -> dict[str, Any]:
         total = row.get(images)
         if total is None or pd.isna(total) or total <= 0:
-            return {"interval_note": f"n=1 seed: no interval ({images} not recorded)"}
+            return {"interval_note": f"{images} not recorded"}
         low, high = wilson_interval(round(float(row[metric]) * total), int(total))
         return {"ci_low": low, "ci_high": high, "interval": "test"}
 
@@ -314,6 +315,8 @@ def summarize(runs: pd.DataFrame, metric: str = METRIC, by: list[str] = CELL,
         out[f"n_{status}"] = groups["status"].agg(lambda s, status=status: int((s == status).sum())).to_numpy()
     out = _with_expected(out, expected, by)
     stats = _aggregate(usable(runs, metric), by, metric, _wilson_single(metric)).drop(columns="n_images")
+    if metric in PROPORTIONS:  # the parameter lies in [0, 1]: cutting the interval there keeps its coverage
+        stats[["ci_low", "ci_high"]] = stats[["ci_low", "ci_high"]].clip(0.0, 1.0)
     out = out.merge(stats, on=by, how="left").merge(cell_flags(runs, metric, by), on=by, how="left")
     out["n"] = out["n"].fillna(0).astype(int)
     out["interval"] = out["interval"].fillna("none")
@@ -337,11 +340,11 @@ def _paired_single(metric: str, seed: int) -> Single:
             test = compare_predictions((row["predictions_path_a"], row[f"{metric}_a"]),
                                        (row["predictions_path_b"], row[f"{metric}_b"]), seed=seed)
         except PredictionsError as err:
-            return {"interval_note": f"n=1 seed: no interval, {err}"}
+            return {"interval_note": str(err)}
         return {"ci_low": test.ci_low, "ci_high": test.ci_high, "interval": "test", "p_value": test.p_value}
 
     if metric not in PROPORTIONS:
-        return lambda row: {"interval_note": "n=1 seed: no interval for this quantity"}
+        return lambda row: {"interval_note": "no test-sampling interval for this quantity"}
     return single
 
 
@@ -439,30 +442,34 @@ def upstream_summary(runs: pd.DataFrame) -> pd.DataFrame:
     what its fine-tuning runs recorded (`upstream_val_acc1`, `upstream_improving_at_end`).
 
     Returns:
-        One row per upstream run_id: run_id, model, pretraining, pretrain_size,
-        status, val_acc1, improving_at_end (pd.NA when unknown), n_evals, budget_steps, n_finetuned.
+        One row per upstream run_id: run_id, model, pretraining and pretrain_size
+        (the source, as its fine-tuning runs name it; else the run's own dataset
+        and training images), status, val_acc1, improving_at_end (pd.NA when
+        unknown), n_evals, budget_steps, n_finetuned.
     """
     columns = ["run_id", "model", "pretraining", "pretrain_size", "status", "val_acc1", "improving_at_end",
                "n_evals", "budget_steps", "n_finetuned"]
     target = targets(runs)
-    used = target.dropna(subset=["pretrained_from"]).groupby("pretrained_from", sort=True)
+    children_of = target.dropna(subset=["pretrained_from"]).groupby("pretrained_from", sort=True)
     own = runs[runs["role"] == "pretrain"].set_index("run_id")
     rows = []
-    for run_id in sorted(set(used.groups) | set(own.index)):
-        children = used.get_group(run_id) if run_id in used.groups else target.iloc[0:0]
+    for run_id in sorted(set(children_of.groups) | set(own.index)):
+        children = children_of.get_group(run_id) if run_id in children_of.groups else target.iloc[0:0]
         row = {"run_id": run_id, "n_finetuned": len(children)}
+        if len(children):
+            first = children.iloc[0]
+            row.update(model=first["model"], pretraining=first["pretraining"], pretrain_size=first["pretrain_size"])
         if run_id in own.index:
             up = own.loc[run_id]
-            row.update(model=up["model"], pretraining=up["pretraining"], pretrain_size=up["pretrain_size"],
-                       status=up["status"], val_acc1=up.get("selected/val/acc1", math.nan),
+            if not len(children):
+                row.update(model=up["model"], pretraining=up["dataset"], pretrain_size=up["n_train"])
+            row.update(status=up["status"], val_acc1=up.get("selected/val/acc1", math.nan),
                        improving_at_end=up["improving_at_end"], n_evals=up["n_evals"], budget_steps=up["budget_steps"])
         else:
-            first = children.iloc[0]
-            row.update(model=first["model"], pretraining=first["pretraining"], pretrain_size=first["pretrain_size"],
-                       status="not in this sweep", val_acc1=children["upstream_val_acc1"].dropna().max(),
-                       improving_at_end=children["upstream_improving_at_end"].dropna().any()
-                       if children["upstream_improving_at_end"].notna().any() else pd.NA,
-                       n_evals=pd.NA, budget_steps=pd.NA)
+            plateau = children["upstream_improving_at_end"].dropna()
+            row.update(status="no result in this sweep", val_acc1=children["upstream_val_acc1"].dropna().max(),
+                       improving_at_end=bool(plateau.any()) if len(plateau) else pd.NA, n_evals=pd.NA,
+                       budget_steps=pd.NA)
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
 
@@ -629,8 +636,10 @@ def fit_power_law(n: Sequence[float], err: Sequence[float], n_params: int = 3) -
     n_sizes = int(np.unique(n).size)
     fit = Fit(n_params, n_sizes)
     if fit.dof < MIN_RESIDUAL_DOF:
-        return Fit(n_params, n_sizes, reason=f"{n_sizes} distinct sizes − {n_params} parameters = {fit.dof} residual "
-                                             f"degrees of freedom (needs ≥ {MIN_RESIDUAL_DOF})")
+        dof = f"{fit.dof}".replace("-", "−")
+        return Fit(n_params, n_sizes, reason=f"{n_sizes} distinct size{'s' if n_sizes != 1 else ''} − {n_params} "
+                                             f"parameters = {dof} residual degrees of freedom "
+                                             f"(needs ≥ {MIN_RESIDUAL_DOF})")
     scale = n.max()
     x = n / scale
 
@@ -659,7 +668,8 @@ def fit_curve(n: Sequence[float], err: Sequence[float]) -> Fit:
 
     Returns:
         The chosen Fit; when neither is identified, a 2-parameter Fit without a
-        law whose reason names both forms' reasons.
+        law whose reason names both forms' reasons (only the 2-parameter one's
+        when too few sizes rule out both).
     """
     three = fit_power_law(n, err, 3)
     if three.identified:
@@ -667,6 +677,8 @@ def fit_curve(n: Sequence[float], err: Sequence[float]) -> Fit:
     two = fit_power_law(n, err, 2)
     if two.identified:
         return two
+    if two.dof < MIN_RESIDUAL_DOF:
+        return Fit(2, two.n_sizes, reason=f"{FORMS[2]}: {two.reason}")
     return Fit(2, two.n_sizes, reason=f"{FORMS[3]}: {three.reason}; {FORMS[2]}: {two.reason}")
 
 
@@ -703,7 +715,7 @@ def power_law_fits(runs: pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
         law = fit.law or PowerLaw(math.nan, math.nan, math.nan)
         reason = fit.reason
         if n_flagged and not fit.identified:
-            reason += f" ({n_flagged} size{'s' if n_flagged > 1 else ''} kept out: still improving at the end)"
+            reason += f"; {n_flagged} size{'s' if n_flagged > 1 else ''} kept out: still improving at the end"
         row.update(identified=fit.identified, form=fit.form if fit.identified else "", n_params=fit.n_params,
                    dof=fit.dof, a=law.a, b=law.b, c=law.c, reason=reason)
         rows.append(row)

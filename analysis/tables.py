@@ -97,7 +97,8 @@ class Table:
 _LATEX = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "±": r"$\pm$", "Δ": r"$\Delta$", "†": r"\dag{}", "‡": r"\ddag{}", "−": r"$-$", "–": "--", "≥": r"$\geq$", "×": r"$\times$", "·": r"$\cdot$",
+    "±": r"$\pm$", "Δ": r"$\Delta$", "−": r"$-$", "–": "--", "≥": r"$\geq$", "×": r"$\times$", "·": r"$\cdot$",
+    "†": r"\dag{}", "‡": r"\ddag{}",
 }
 
 

@@ -100,6 +100,19 @@ def write_predictions(runs_dir: Path, record: dict[str, Any], target: np.ndarray
     return path
 
 
+def write_plan(runs_dir: Path, records: list[dict[str, Any]], swept: tuple[str, ...] = ("model", "train_fraction")
+               ) -> Path:
+    """Write `runs_dir/SWEEP/sweep.json` expecting the runs of `records` (as the sweep runner does at its start)."""
+    keys = ("run_id", "role", "model", "arch", "dataset", "train_fraction", "pretraining", "pretrain_size", "seed")
+    runs = [{**{k: r[k] for k in keys}, "upstream": r["pretrained_from"], **{k: r["spec"].get(k) for k in swept}}
+            for r in records]
+    path = Path(runs_dir) / SWEEP / "sweep.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": SWEEP, "file": f"experiments/sweeps/{SWEEP}.yaml", "swept": list(swept),
+                                "runs": runs}, indent=1))
+    return path
+
+
 def write_runs(runs_dir: Path, records: list[dict[str, Any]]) -> list[Path]:
     """Write several records."""
     return [write_result(runs_dir, r) for r in records]
