@@ -206,8 +206,11 @@ def _seed_line(target: pd.DataFrame) -> str:
     both = target.dropna(subset=["data_seed"])
     why = ("Why: data sampling, order and augmentation vary results as much as initialisation does "
            "(Bouthillier et al. 2021), and pairing by seed gives both nets the same subset and order.")
+    if both.empty:
+        return (f"- **Seeds**: `data_seed` is not recorded, so whether seeds vary the data is unknown; comparisons are "
+                f"paired by seed. {why}")
     follow = int((both["data_seed"] == both["seed"]).sum())
-    if len(both) and follow == len(both):
+    if follow == len(both):
         return (f"- **Seeds vary initialisation and data together** (`data_seed` = `seed` in all {len(both)} runs): "
                 f"a cell's spread covers subset, order and augmentation; ViT − CNN and pretraining gains are paired "
                 f"by seed. {why}")
@@ -224,8 +227,8 @@ def _interval_line(runs: pd.DataFrame, source: str) -> str:
             f"ViT − CNN and pretraining gains); at n = 1, {stats.TEST_SAMPLING}: a Wilson interval over the test "
             f"images for an accuracy, and for a difference a paired bootstrap over the test images "
             f"({stats.N_RESAMPLES:,} resamples, seed {stats.SEED}) with an exact McNemar test, from both runs' "
-            f"`predictions.npz`. Predictions exist for {with_predictions} of the {_plural(len(done), 'run')} with a "
-            "test accuracy")
+            f"`predictions.npz`. A predictions file is recorded for {with_predictions} of the "
+            f"{_plural(len(done), 'run')} with a test accuracy")
     if source.startswith("W&B"):
         text += " (read from W&B: the predictions files stay in the run folders, so n = 1 differences have no interval)"
     return text + (". Why: the t interval keeps its 95% coverage at every n for normal data, while a percentile "

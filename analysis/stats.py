@@ -186,7 +186,7 @@ class PredictionsError(ValueError):
     """A run's predictions cannot give a test-sampling interval; str() says why."""
 
 
-def test_correctness(path: object) -> tuple[np.ndarray, np.ndarray]:
+def correct_on_test(path: object) -> tuple[np.ndarray, np.ndarray]:
     """(test_target, per-image correctness) from a run's `predictions.npz`.
 
     Raises:
@@ -222,7 +222,7 @@ def compare_predictions(first: tuple[object, float], second: tuple[object, float
     """
     loaded = []
     for path, accuracy in (first, second):
-        target, correct = test_correctness(path)
+        target, correct = correct_on_test(path)
         if abs(correct.mean() - accuracy) > 1.0 / correct.size:
             raise PredictionsError(f"{Path(str(path)).name} of run {Path(str(path)).parent.name} gives accuracy "
                                    f"{correct.mean():.4f}, its result records {accuracy:.4f}")
@@ -314,10 +314,10 @@ def summarize(runs: pd.DataFrame, metric: str = METRIC, by: list[str] = CELL,
     for status in ("failed", "diverged"):
         out[f"n_{status}"] = groups["status"].agg(lambda s, status=status: int((s == status).sum())).to_numpy()
     out = _with_expected(out, expected, by)
-    stats = _aggregate(usable(runs, metric), by, metric, _wilson_single(metric)).drop(columns="n_images")
+    described = _aggregate(usable(runs, metric), by, metric, _wilson_single(metric)).drop(columns="n_images")
     if metric in PROPORTIONS:  # the parameter lies in [0, 1]: cutting the interval there keeps its coverage
-        stats[["ci_low", "ci_high"]] = stats[["ci_low", "ci_high"]].clip(0.0, 1.0)
-    out = out.merge(stats, on=by, how="left").merge(cell_flags(runs, metric, by), on=by, how="left")
+        described[["ci_low", "ci_high"]] = described[["ci_low", "ci_high"]].clip(0.0, 1.0)
+    out = out.merge(described, on=by, how="left").merge(cell_flags(runs, metric, by), on=by, how="left")
     out["n"] = out["n"].fillna(0).astype(int)
     out["interval"] = out["interval"].fillna("none")
     out["interval_note"] = out["interval_note"].fillna("no completed run")
@@ -334,7 +334,10 @@ def status_counts(runs: pd.DataFrame) -> dict[str, int]:
 
 
 def _paired_single(metric: str, seed: int) -> Single:
-    """At n = 1 pair: the test-sampling interval and McNemar p from both runs' predictions."""
+    """At n = 1 pair: the test-sampling interval and McNemar p from both runs' predictions (test/acc1 only)."""
+    if metric not in PROPORTIONS:
+        return lambda row: {"interval_note": "no test-sampling interval for this quantity"}
+
     def single(row: pd.Series) -> dict[str, Any]:
         try:
             test = compare_predictions((row["predictions_path_a"], row[f"{metric}_a"]),
@@ -343,8 +346,6 @@ def _paired_single(metric: str, seed: int) -> Single:
             return {"interval_note": str(err)}
         return {"ci_low": test.ci_low, "ci_high": test.ci_high, "interval": "test", "p_value": test.p_value}
 
-    if metric not in PROPORTIONS:
-        return lambda row: {"interval_note": "no test-sampling interval for this quantity"}
     return single
 
 

@@ -176,13 +176,15 @@ class _Legend:
         return notes
 
 
-def seeds_text(counts: pd.Series, unit: str = "seeds") -> str:
-    """A caption sentence about the number of seeds (or runs) per cell."""
+def seeds_text(counts: pd.Series) -> str:
+    """A caption sentence about the number of seeds per cell: "n = 2–3 seeds per cell."."""
     counts = [int(n) for n in counts if n > 0]
     if not counts:
         return "No completed runs."
     lo, hi = min(counts), max(counts)
-    return f"n = {lo} {unit} per cell." if lo == hi else f"n = {lo}–{hi} {unit} per cell."
+    if lo == hi:
+        return f"n = {lo} seed{'s' if lo > 1 else ''} per cell."
+    return f"n = {lo}–{hi} seeds per cell."
 
 
 def _lookup(frame: pd.DataFrame, **keys: object) -> pd.Series | None:

@@ -161,7 +161,7 @@ def test_single_seed_comparison_is_labelled_test_sampling_only(tmp_path):
     protocol = "\n".join(report.protocol_section(collection))
     assert "**Warning, fairness violation**: 1 paired run differ in resolved precision: vit_tiny_p8 32-true vs " \
            "resnet50 bf16-mixed (scratch, 10%, seed 0)" in protocol
-    assert "Predictions exist for 2 of the 2 runs with a test accuracy" in protocol
+    assert "A predictions file is recorded for 2 of the 2 runs with a test accuracy" in protocol
 
 
 def test_flagged_cells_upstream_runs_and_crossovers(tmp_path):
