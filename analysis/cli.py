@@ -3,11 +3,12 @@
     python -m analysis collect --sweep NAME [--runs-dir runs] [--results-dir results] [--from-wandb ENTITY/PROJECT]
     python -m analysis tables  --sweep NAME [same options]
     python -m analysis plots   --sweep NAME [same options]
-    python -m analysis report  --sweep NAME [same options] [--wandb off|offline|online] [--crossover-resamples N]
+    python -m analysis report  --sweep NAME [same options] [--wandb off|offline|online]
 
 `collect` writes `results/SWEEP/runs.csv`, `tables` the tables, `plots` the
 figures, `report` all of them and `report.md`. A sweep without runs is one
-line on stderr and exit code 2, with nothing written.
+line on stderr and exit code 2, with nothing written. A partly finished sweep
+is reported as far as it goes: its `sweep.json` says what is still missing.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _collect(args: argparse.Namespace, collection: Collection) -> str:
 
 def _tables(args: argparse.Namespace, collection: Collection) -> str:
     out_dir = Path(args.results_dir) / args.sweep / tables.FOLDER
-    built, skipped = tables.write_tables(collection.runs, out_dir)
+    built, skipped = tables.write_tables(collection.runs, out_dir, collection.expected_runs)
     return f"{len(built)} tables -> {out_dir} ({len(skipped)} skipped: {', '.join(skipped) or 'none'})"
 
 
@@ -40,7 +41,7 @@ def _plots(args: argparse.Namespace, collection: Collection) -> str:
 
 
 def _report(args: argparse.Namespace, collection: Collection) -> str:
-    path = report.make_report(collection, args.sweep, args.results_dir, args.crossover_resamples, args.wandb)
+    path = report.make_report(collection, args.sweep, args.results_dir, args.wandb)
     return f"report -> {path}"
 
 
@@ -69,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "report":
             p.add_argument("--wandb", choices=("off", "offline", "online"), default="off",
                            help="also log tables and figures to one W&B report run (default: off)")
-            p.add_argument("--crossover-resamples", type=int, default=report.CROSSOVER_RESAMPLES,
-                           help="bootstrap resamples for the crossover interval (default: %(default)s)")
     return parser
 
 

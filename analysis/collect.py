@@ -6,13 +6,19 @@ contract is skipped with one warning that names its path and the reason,
 never a crash. Files of every version in `SCHEMA_VERSIONS` are read.
 
 Columns, in order: the top-level scalar fields (`schema.FIELDS`; `role` is
-"train", or "pretrain" for an upstream pretraining run) and `path` (relative
-to the runs folder), then scalar top-level keys the schema does not know,
+"train", or "pretrain" for an upstream pretraining run), `path` (relative
+to the runs folder) and `predictions_path` (the absolute path of the run's
+`predictions.npz` when its result names one and it was read from files; else
+empty), then scalar top-level keys the schema does not know,
 then each nested section of `schema.SECTIONS` in its order, flattened under
 its prefix and sorted: `selected/<key>`, the metrics under their own names
 (`test/acc1`, `corrupt/<name>/<severity>/acc1`, ...), `architecture/<key>`,
 `versions/<package>`, `spec/<field>`. Lists and objects inside a section
 become JSON text.
+
+`read_plan` reads `runs/SWEEP/sweep.json`, which the sweep runner writes when
+it starts: the runs the sweep is expected to produce, so that a report on a
+partly finished sweep can say what is missing (`plan_status`).
 """
 
 from __future__ import annotations
@@ -34,19 +40,54 @@ log = logging.getLogger(__name__)
 
 SORT_KEYS = ["dataset", "model", "pretraining", "pretrain_size", "train_fraction", "seed", "run_id"]
 _DTYPES = {"int": "Int64", "number": "float64", "str": "object", "bool": "boolean"}
+PLAN_FILE = "sweep.json"  # runs/SWEEP/sweep.json, written by the sweep runner when it starts
+# The columns of an expected run in sweep.json: (name, type, required).
+PLAN_COLUMNS = (("run_id", "str", True), ("role", "str", True), ("model", "str", True), ("arch", "str", True),
+                ("dataset", "str", True), ("train_fraction", "number", True), ("pretraining", "str", True),
+                ("pretrain_size", "int", False), ("seed", "int", True), ("upstream", "str", False))
+# Pretraining sources without a size of their own: their pretrain_size is null in result.json.
+UNSIZED_PRETRAINING = ("none", "imagenet")
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The runs a sweep expects, from its `sweep.json`.
+
+    Attributes:
+        name: the sweep's name.
+        file: the sweep file it was expanded from.
+        swept: the parameters the sweep varies.
+        runs: one row per expected run (`PLAN_COLUMNS`, typed as in the runs frame).
+    """
+
+    name: str
+    file: str
+    swept: tuple[str, ...]
+    runs: pd.DataFrame
 
 
 @dataclass(frozen=True)
 class Collection:
-    """What was read: the runs, and the files skipped with their reason.
+    """What was read: the runs, the files skipped with their reason, and the sweep's plan.
 
     Attributes:
         runs: one row per valid result (columns as in the module docstring).
         skipped: (path, reason) for every file that was left out.
+        plan: the expected runs (`sweep.json`), or None when unknown.
+        plan_note: why the plan is unknown ("" when it is known).
+        source: where the runs were read from, for the report ("result.json files" or "W&B ENTITY/PROJECT").
     """
 
     runs: pd.DataFrame
     skipped: tuple[tuple[str, str], ...] = ()
+    plan: SweepPlan | None = None
+    plan_note: str = ""
+    source: str = ""
+
+    @property
+    def expected_runs(self) -> pd.DataFrame | None:
+        """The runs the plan expects (`SweepPlan.runs`), or None when they are unknown."""
+        return None if self.plan is None else self.plan.runs
 
 
 # ------------------------------------------------------------------ rows
@@ -100,8 +141,8 @@ def _section_rank(column: str) -> int:
 
 
 def _ordered_columns(columns: Iterable[str]) -> list[str]:
-    """The schema's fields and `path` first, then unknown keys, then each section's columns sorted."""
-    fixed = [*FIELDS, "path"]
+    """The schema's fields, `path` and `predictions_path` first, then unknown keys, then each section sorted."""
+    fixed = [*FIELDS, "path", "predictions_path"]
     rest = set(columns) - set(fixed)
     return fixed + sorted(rest, key=lambda c: (_section_rank(c), c))
 
@@ -157,26 +198,106 @@ def _load_json(path: Path) -> Any:
         return ResultError(" ".join(str(err).split()))
 
 
+def _predictions_paths(runs: pd.DataFrame, runs_dir: Path) -> pd.Series:
+    """The absolute path of each run's predictions file (None where its result names none)."""
+    runs_dir = runs_dir.resolve()
+    return pd.Series([None if pd.isna(name) else str(runs_dir / Path(path).parent / name)
+                      for path, name in zip(runs["path"], runs["predictions"])], index=runs.index, dtype=object)
+
+
 def collect(runs_dir: Path | str = "runs", sweep: str | None = None) -> Collection:
-    """Read every `result.json` under `runs_dir` (or `runs_dir/sweep`).
+    """Read every `result.json` under `runs_dir` (or `runs_dir/sweep`, with its `sweep.json`).
 
     Args:
         runs_dir: the runs folder.
-        sweep: a sweep name: only `runs_dir/<sweep>/` is searched.
+        sweep: a sweep name: only `runs_dir/<sweep>/` is searched, and its plan is read.
 
     Returns:
-        The runs and the skipped files (paths relative to `runs_dir`).
+        The runs (with `predictions_path`), the skipped files (paths relative to
+        `runs_dir`) and, for a sweep, its plan or why it is unknown.
     """
     runs_dir = Path(runs_dir)
     root = runs_dir / sweep if sweep else runs_dir
     paths = sorted(root.rglob("result.json")) if root.is_dir() else []
-    return read_records((p.relative_to(runs_dir).as_posix(), _load_json(p)) for p in paths)
+    collection = read_records((p.relative_to(runs_dir).as_posix(), _load_json(p)) for p in paths)
+    runs = collection.runs
+    runs["predictions_path"] = _predictions_paths(runs, runs_dir)
+    plan, note = None, "no sweep named: the expected runs are unknown"
+    if sweep:
+        try:
+            plan, note = read_plan(root / PLAN_FILE), ""
+        except PlanError as err:
+            note = str(err)
+    return Collection(runs, collection.skipped, plan, note, "result.json files")
 
 
 def save_runs(runs: pd.DataFrame, results_dir: Path | str, sweep: str) -> Path:
-    """Write `results_dir/<sweep>/runs.csv` atomically; returns its path."""
-    text = runs.to_csv(index=False, lineterminator="\n")
+    """Write `results_dir/<sweep>/runs.csv` atomically; returns its path.
+
+    `predictions_path` is left out: an absolute path would make the file depend
+    on where the runs live (`path` locates every run's folder).
+    """
+    text = runs.drop(columns="predictions_path", errors="ignore").to_csv(index=False, lineterminator="\n")
     return files.write_text(Path(results_dir) / sweep / "runs.csv", text)
+
+
+# -------------------------------------------------------------------- plan
+class PlanError(ValueError):
+    """`sweep.json` is missing or malformed; str() is one line saying which."""
+
+
+def _plan_row(entry: Any, index: int) -> dict[str, Any]:
+    """One expected run of sweep.json, checked and typed."""
+    if not isinstance(entry, Mapping):
+        raise PlanError(f"{PLAN_FILE}: runs[{index}] is not an object")
+    row = {}
+    for name, kind, required in PLAN_COLUMNS:
+        value = entry.get(name)
+        if value is None:
+            if required:
+                raise PlanError(f"{PLAN_FILE}: runs[{index}] lacks {name!r}")
+            row[name] = None
+            continue
+        try:
+            row[name] = check_scalar(name, value, kind)
+        except ResultError as err:
+            raise PlanError(f"{PLAN_FILE}: runs[{index}]: {err}") from err
+    if row["pretraining"] in UNSIZED_PRETRAINING:
+        row["pretrain_size"] = None  # as in result.json
+    return row
+
+
+def read_plan(path: Path | str) -> SweepPlan:
+    """Read a sweep's `sweep.json`: the runs it expects.
+
+    Raises:
+        PlanError: the file is missing, not JSON, or lacks a required key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"{PLAN_FILE} not found: the expected runs are unknown")
+    data = _load_json(path)
+    if isinstance(data, Exception):
+        raise PlanError(f"{PLAN_FILE} unreadable: {data}")
+    if not isinstance(data, Mapping) or not isinstance(data.get("runs"), list):
+        raise PlanError(f"{PLAN_FILE} has no list 'runs'")
+    rows = [_plan_row(entry, i) for i, entry in enumerate(data["runs"])]
+    kinds = {name: kind for name, kind, _ in PLAN_COLUMNS}
+    frame = pd.DataFrame.from_records(rows, columns=list(kinds))
+    frame = frame.astype({name: _DTYPES[kind] for name, kind in kinds.items()})
+    frame = frame.drop_duplicates("run_id").reset_index(drop=True)
+    swept = data.get("swept") or []
+    return SweepPlan(str(data.get("name", "")), str(data.get("file", "")), tuple(map(str, swept)), frame)
+
+
+def plan_status(plan: SweepPlan, runs: pd.DataFrame) -> pd.DataFrame:
+    """Each expected run with its state: its result's status, or "missing" when it has no result yet.
+
+    Returns:
+        The plan's rows plus a column `state` ("completed" | "failed" | "diverged" | "missing").
+    """
+    status = dict(zip(runs["run_id"], runs["status"]))
+    return plan.runs.assign(state=[status.get(run_id, "missing") for run_id in plan.runs["run_id"]])
 
 
 # --------------------------------------------------------------------- W&B
@@ -224,11 +345,14 @@ def from_wandb(path: str, sweep: str, api: Any = None) -> Collection:
         api: a `wandb.Api()`-like object; created (importing wandb) when None.
 
     Returns:
-        The same Collection as `collect` would give for the files.
+        The same runs as `collect` would give for the files, without predictions
+        (they live in the run folders) and without the sweep's plan.
     """
     if api is None:
         import wandb
 
         api = wandb.Api()
     runs = sorted(api.runs(path, filters={"group": sweep}), key=lambda r: r.id)
-    return read_records((f"wandb:{path}/{r.id}", wandb_record(r, sweep)) for r in runs)
+    collection = read_records((f"wandb:{path}/{r.id}", wandb_record(r, sweep)) for r in runs)
+    return Collection(collection.runs, collection.skipped, None,
+                      f"read from W&B: {PLAN_FILE} is not there, the expected runs are unknown", f"W&B {path}")

@@ -60,6 +60,33 @@ def fraction_label(fraction: float, n_images: float) -> str:
     return f"{100 * fraction:g}%{size}"
 
 
+def si_label(value: float, unit: str) -> str:
+    """1.64e8, "FLOPs" -> "164 MFLOPs" (3 significant digits)."""
+    for scale, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def cost_label(runs: pd.DataFrame) -> str:
+    """What some runs (one model, or one model under one condition) cost, from their records.
+
+    "23.5M params · 1.05 GFLOPs/img · train 38.4 TFLOPs" (train FLOPs as a range
+    when the runs differ, e.g. when some stopped early); parts not recorded are left out.
+    """
+    done = runs[runs["status"] == "completed"]
+    parts = []
+    if done["params"].notna().any():
+        parts.append(f"{human_count(float(done['params'].median()))} params")
+    if done["flops_per_image"].notna().any():
+        parts.append(f"{si_label(float(done['flops_per_image'].median()), 'FLOPs')}/img")
+    train = done["train_flops"].dropna().astype(float)
+    if len(train):
+        low, high = si_label(train.min(), "FLOPs"), si_label(train.max(), "FLOPs")
+        parts.append(f"train {low}" if low == high else f"train {low}–{high}")
+    return " · ".join(parts)
+
+
 # --------------------------------------------------------------- writing
 def write_outputs(makers: dict[str, Callable[[pd.DataFrame], Any]], runs: pd.DataFrame, out_dir: Path,
                   suffixes: tuple[str, ...], save: Callable[[Any, Path], Any],

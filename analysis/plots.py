@@ -4,8 +4,11 @@ Every `plot_*` function takes the tidy runs frame of `analysis.collect` and
 returns a Figure (tests inspect its axes), or raises `NoData` with the reason
 when the sweep has nothing to show: no figure is ever empty. Colours follow
 the model (seaborn's colour-blind palette), line style and marker the
-pretraining; shaded bands are 95% bootstrap CIs over seeds (none at n=1).
-`FIGURES` names each figure, its title and the function that draws it.
+pretraining; shaded bands are 95% Student-t intervals over seeds (none at
+n=1); a hollow marker is a cell still improving when its budget ended (kept out
+of fits). Figure 1 adds each identified power-law fit as a thin line over the
+sizes it was fitted on, never beyond. `FIGURES` names each figure, its title
+and the function that draws it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from analysis import stats
@@ -40,6 +44,14 @@ LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P"]
 ACC_LABEL = "test accuracy (%)"
 IMAGES_LABEL = "training images"
+FLAGGED = "_flagged"  # label of the hollow markers (a leading "_" keeps them out of the legend)
+FIT = "_fit"  # label of the fitted curves
+KEYS = {  # what the legend says about hollow markers and fitted curves, when a figure has them
+    FLAGGED: Line2D([], [], color="0.35", marker="o", markerfacecolor="white", linestyle="none",
+                    label="hollow: still improving (not fitted)"),
+    FIT: Line2D([], [], color="0.35", linewidth=0.6, alpha=0.6,
+                label="thin: identified power-law fit"),
+}
 
 
 # --------------------------------------------------------------- styling
@@ -68,21 +80,30 @@ def _figure(n_rows: int, n_cols: int) -> tuple[Figure, np.ndarray]:
 
 
 def _finish(fig: Figure) -> Figure:
-    """Put one legend (all distinct labelled lines) under the panels."""
+    """Put one legend (all distinct labelled lines, then the keys of hollow markers and fits) under the panels."""
     handles = {}
     for ax in fig.axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
+    drawn = {line.get_label() for ax in fig.axes for line in ax.get_lines()}
+    for label, key in KEYS.items():
+        if label in drawn:
+            handles[key.get_label()] = key
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=2)
     return fig
 
 
 def _band_line(ax: Axes, x: np.ndarray, cell: pd.DataFrame, scale: float, **kw: object) -> None:
-    """Means as a line with markers, plus a CI band where n >= 2."""
+    """Means as a line with markers (hollow where flagged), plus a t-interval band where n >= 2."""
     order = np.argsort(x, kind="stable")
     x, cell = np.asarray(x, dtype=float)[order], cell.iloc[order]
-    ax.plot(x, cell["mean"] * scale, **kw)
-    band = (cell["n"] >= 2).to_numpy()
+    y = cell["mean"].to_numpy(dtype=float) * scale
+    flagged = cell["flagged"].to_numpy(dtype=bool) if "flagged" in cell else np.zeros(len(cell), dtype=bool)
+    ax.plot(x, y, markevery=np.flatnonzero(~flagged).tolist(), **kw)
+    if flagged.any():
+        ax.plot(x[flagged], y[flagged], linestyle="none", marker=kw["marker"], color=kw["color"],
+                markerfacecolor="white", label=FLAGGED)
+    band = (cell["interval"] == "t").to_numpy() if "interval" in cell else (cell["n"] >= 2).to_numpy()
     if band.any():
         ax.fill_between(x, cell["ci_low"] * scale, cell["ci_high"] * scale, where=band,
                         color=kw["color"], alpha=0.18, linewidth=0)
@@ -100,19 +121,30 @@ def _datasets(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(str(d), g) for d, g in frame.groupby("dataset", sort=True)]
 
 
+def _fits(ax: Axes, fits: pd.DataFrame, styler: _Styler) -> None:
+    """Each identified fit of `fits` as accuracy (%) over the sizes it was fitted on (no extrapolation)."""
+    for _, fit in fits[fits["identified"]].iterrows():
+        n = np.geomspace(fit["n_min"], fit["n_max"], 64)
+        style = styler.line(fit["model"], condition_label(fit["pretraining"], fit["pretrain_size"]))
+        ax.plot(n, 100.0 * (1.0 - stats.law_of(fit)(n)), color=style["color"], linestyle=style["linestyle"],
+                linewidth=0.6, alpha=0.6, label=FIT)
+
+
 # --------------------------------------------------------------- the figures
 def plot_data_efficiency(runs: pd.DataFrame, metric: str = stats.METRIC) -> Figure:
-    """Fig. 1: test accuracy (%) vs training images (log x), one line per model × pretraining."""
+    """Fig. 1: test accuracy (%) vs training images (log x), one line per model × pretraining, with identified fits."""
     summary = stats.summarize(runs, metric)
     summary = summary[summary["n"] > 0]
     if summary.empty:
         raise NoData(f"no completed runs with {metric}")
     styler = _Styler(stats.targets(runs))
     panels = _datasets(summary)
+    fits = stats.power_law_fits(runs, metric)
     with mpl.rc_context(STYLE):
         fig, axes = _figure(1, len(panels))
         for ax, (dataset, cell) in zip(axes[0], panels):
             _curves(ax, cell, "n_images", styler)
+            _fits(ax, fits[fits["dataset"] == dataset], styler)
             ax.set(xscale="log", xlabel=IMAGES_LABEL, ylabel=ACC_LABEL, title=dataset)
         return _finish(fig)
 
@@ -240,7 +272,9 @@ class FigureMaker:
 
 
 FIGURES: dict[str, FigureMaker] = {
-    "fig1_data_efficiency": FigureMaker("Figure 1. Data efficiency: test accuracy vs training images",
+    "fig1_data_efficiency": FigureMaker("Figure 1. Data efficiency: test accuracy vs training images "
+                                        "(bands: 95% t intervals over seeds; hollow: still improving when its "
+                                        "budget ended; thin: identified power-law fits, fitted range only)",
                                         plot_data_efficiency),
     "fig2_pretraining_effect": FigureMaker("Figure 2. Pretraining effect: gain over scratch",
                                            plot_pretraining_effect),

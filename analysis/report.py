@@ -2,7 +2,14 @@
 
 `make_report` writes `runs.csv`, `tables/*.md|*.tex`, `figures/*.png|*.pdf`
 and `report.md` under `results/SWEEP/`, each atomically. The output depends
-only on the runs: running it twice gives byte-identical files.
+only on the runs (and the sweep's `sweep.json`): running it twice gives
+byte-identical files. It works on whatever has finished: the Completeness
+section lists what the sweep's plan still lacks.
+
+Sections: Setup (what ran), Protocol (how, from the runs' own fields, with one
+line of justification each), Completeness (expected vs finished), Findings
+(every sentence that states a direction carries its n and interval), Tables,
+Figures.
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from analysis.tables import Table
 from common import files
 from common.schema import PLACEMENT_FIELDS
 
-CROSSOVER_RESAMPLES = 200  # bootstrap resamples behind the crossover intervals of the report
+MIN_EVALS = 8  # the protocol's fewest validation evaluations to choose a checkpoint from
+# Spec fields that describe the net, not the recipe: they may differ between a ViT and a CNN.
+NET_FIELDS = ("model", "model_kwargs", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "pos_embed",
+              "pool", "class_token", "role")
 
 
 # --------------------------------------------------------------- formatting
@@ -38,23 +48,36 @@ def _values(series: pd.Series) -> list[str]:
     return [_value(v) for v in sorted(distinct, key=lambda v: (isinstance(v, str), v))]
 
 
-def _points(row: pd.Series, absolute: bool = False) -> str:
-    """A stats row in points: "9.0 ± 1.0 points (n=2, the range of two seeds)"."""
-    mean = abs(row["mean"]) if absolute else row["mean"]
-    text = f"{100 * mean:{'' if absolute else '+'}.1f}".replace("-", "−")
-    if row["n"] == 1:
-        return f"{text} points (n=1: a single seed, no interval)"
-    half = 100 * (row["ci_high"] - row["ci_low"]) / 2
-    suffix = ", the range of two seeds" if row["n"] == 2 else ""
-    return f"{text} ± {half:.1f} points (n={int(row['n'])}{suffix})"
-
-
-def _includes_zero(row: pd.Series) -> bool:
-    return row["n"] >= 2 and row["ci_low"] <= 0 <= row["ci_high"]
+def _signed(fraction: float) -> str:
+    """0.0123 -> "+1.2" (points, with the minus sign "−")."""
+    return f"{round(100 * fraction, 1) or 0.0:+.1f}".replace("-", "−")
 
 
 def _images(n: float) -> str:
     return f"{n:,.0f}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def interval_text(row: pd.Series) -> str:
+    """How sure a stats row is: "95% CI −12.1 to −5.9, t over n=3 seeds", its n=1 variant, or why none."""
+    n = int(row["n"])
+    if row["interval"] == "t":
+        return f"95% CI {_signed(row['ci_low'])} to {_signed(row['ci_high'])}, t over n={n} seeds"
+    if row["interval"] == "test":
+        text = f"95% CI {_signed(row['ci_low'])} to {_signed(row['ci_high'])}, {stats.TEST_SAMPLING}"
+        return text + ("" if pd.isna(row["p_value"]) else f"; McNemar p = {row['p_value']:.2g}")
+    return f"n={n} seed{'s' if n != 1 else ''}, no interval: {row['interval_note']}"
+
+
+def _has_interval(row: pd.Series) -> bool:
+    return row["interval"] in ("t", "test")
+
+
+def _excludes_zero(row: pd.Series) -> bool:
+    return _has_interval(row) and (row["ci_low"] > 0 or row["ci_high"] < 0)
 
 
 def _in_condition_order(frame: pd.DataFrame, then: list[str]) -> pd.DataFrame:
@@ -65,7 +88,7 @@ def _in_condition_order(frame: pd.DataFrame, then: list[str]) -> pd.DataFrame:
     return keyed.sort_values(["dataset", "_condition", *then], kind="mergesort").drop(columns="_condition")
 
 
-# --------------------------------------------------------------- sections
+# --------------------------------------------------------------- setup
 def setup_section(collection: Collection, sweep: str) -> list[str]:
     """Markdown lines: what was run, what varies, versions, commits, counts."""
     runs = collection.runs
@@ -74,7 +97,8 @@ def setup_section(collection: Collection, sweep: str) -> list[str]:
     models = models_in_order(target)
     lines = [
         "## Setup", "",
-        f"- Sweep: `{sweep}`; profile: {', '.join(_values(runs['profile'])) or 'unknown'}",
+        f"- Sweep: `{sweep}`; profile: {', '.join(_values(runs['profile'])) or 'unknown'}; "
+        f"read from {collection.source or 'the runs folder'}",
         f"- Datasets: {', '.join(_values(target['dataset']))}",
         f"- Models: {', '.join(f'{m} ({a})' for m, a in models)}",
         f"- Training fractions: {', '.join(f'{100 * f:g}%' for f in sorted(target['train_fraction'].unique()))}",
@@ -114,98 +138,394 @@ def setup_section(collection: Collection, sweep: str) -> list[str]:
     return lines
 
 
-def _gap_findings(runs: pd.DataFrame, diffs: pd.DataFrame) -> Iterable[str]:
-    """ViT − CNN at the smallest and largest fraction of each condition."""
-    multi = stats.targets(runs)["dataset"].nunique() > 1
-    keys = ["dataset", "pretraining", "pretrain_size", "vit_model", "cnn_model"]
-    ordered = _in_condition_order(diffs, ["vit_model", "cnn_model"])
-    for (dataset, pre, size, vit, cnn), group in ordered.groupby(keys, dropna=False, sort=False):
-        group = group[group["n"] > 0].sort_values("train_fraction")
-        where = f" on {dataset}" if multi else ""
-        ends = group.iloc[sorted({0, len(group) - 1})] if len(group) else group
-        for _, row in ends.iterrows():
-            leader, other = (vit, cnn) if row["mean"] > 0 else (cnn, vit)
-            text = (f"At {100 * row['train_fraction']:g}% of the data ({_images(row['n_images'])} images){where}, "
-                    f"{condition_label(pre, size)}: ")
-            if row["mean"] == 0:
-                yield text + f"{vit} and {cnn} tie ({_points(row)})."
-                continue
-            text += f"{leader} leads {other} by {_points(row, absolute=True)}"
-            if _includes_zero(row):
-                text += "; the 95% CI includes 0, so the order is not established"
-            yield text + "."
+# --------------------------------------------------------------- protocol
+def _recorded(frame: pd.DataFrame, column: str) -> pd.Series:
+    """The non-null values of `column` (an empty Series when the column is absent)."""
+    return frame[column].dropna() if column in frame else pd.Series(dtype=object)
 
 
-def _pretraining_findings(gains: pd.DataFrame, diffs: pd.DataFrame) -> Iterable[str]:
-    """Gain of each source over scratch, and the ViT − CNN gap with it, at the smallest fraction."""
-    for (dataset, pre, size), group in gains.groupby(["dataset", "pretraining", "pretrain_size"],
-                                                     dropna=False, sort=True):
-        label = condition_label(pre, size)
-        fraction = group["train_fraction"].min()
-        at = group[group["train_fraction"] == fraction]
-        where = fraction_label(fraction, at["n_images"].max())
-        parts = [f"{r['model']} {_points(r)}" for _, r in at.iterrows()]
-        yield f"With {label} pretraining at {where}, the gain over scratch is: " + "; ".join(parts) + "."
-        both = diffs[(diffs["dataset"] == dataset) & (diffs["train_fraction"] == fraction)]
-        for _, gap in stats.select(both, pretraining=pre, pretrain_size=size).iterrows():
-            scratch = stats.select(both, pretraining="none", vit_model=gap["vit_model"], cnn_model=gap["cnn_model"])
-            versus = f", vs {_points(scratch.iloc[0])} from scratch" if len(scratch) else ""
-            yield (f"With {label} pretraining the gap {gap['vit_model']} − {gap['cnn_model']} at {where} is "
-                   f"{_points(gap)}{versus}.")
+def _budget_line(target: pd.DataFrame) -> str:
+    budgets = target.dropna(subset=["budget_steps"])
+    why = ("Why: the ViT paper's subset study trains every subset with the same hyper-parameters and early-stops "
+           "on validation (Dosovitskiy et al. 2021, Sec. 4.3), so the curve measures the data, not a budget tied "
+           "to its size.")
+    if budgets.empty:
+        return ("- **Step budget**: not recorded by these runs (result schema before the protocol fields): whether "
+                f"every size had the same budget cannot be checked. {why}")
+    values = sorted(budgets["budget_steps"].astype(int).unique())
+    batch = _values(_recorded(budgets, "spec/batch_size"))
+    per = f" of batch {', '.join(batch)}" if batch else ""
+    if len(values) == 1:
+        text = (f"- **Same step budget at every training size**: {values[0]:,} steps{per}, in all "
+                f"{_plural(len(budgets), 'run')} that record it")
+        missing = len(target) - len(budgets)
+        return text + (f" ({missing} do not)" if missing else "") + f". {why}"
+    by_size = budgets.groupby("train_fraction")["budget_steps"].agg(lambda s: sorted(s.astype(int).unique()))
+    listed = "; ".join(f"{100 * f:g}%: {', '.join(f'{v:,}' for v in b)}" for f, b in by_size.items())
+    return (f"- **Step budget differs between runs** ({listed} steps): the protocol wants one budget at every size; "
+            f"where it grows with the size, the curve's shape can follow the budget. {why}")
 
 
-def _crossover_findings(cross: pd.DataFrame) -> Iterable[str]:
-    """One sentence per (condition, ViT, CNN) crossover estimate."""
+def _selection_line(target: pd.DataFrame) -> str:
+    done = target[target["status"] == "completed"]
+    evals = _recorded(done, "n_evals").astype(int)
+    why = ("Why: choices are made on a validation split carved from the training data and the test set is "
+           "evaluated once, at the end, as in the ViT paper's subset protocol (best validation, early stopping).")
+    if evals.empty:
+        return f"- **Checkpoint chosen on validation**: the number of evaluations is not recorded by these runs. {why}"
+    span = f"{evals.min()}" if evals.min() == evals.max() else f"{evals.min()}–{evals.max()}"
+    early = int(_recorded(done, "stopped_early").astype(bool).sum())
+    text = (f"- **Checkpoint chosen on validation** (`val/acc1`) among {span} evaluations per run; "
+            f"{early} of {_plural(len(done), 'completed run')} stopped early when validation stopped improving")
+    few = int((evals < MIN_EVALS).sum())
+    if few:
+        text += f"; {_plural(few, 'run')} had fewer than {MIN_EVALS} evaluations, a coarse choice"
+    return text + f". {why}"
+
+
+def _flag_line(runs: pd.DataFrame) -> str:
+    summary = stats.summarize(runs)
+    cells = summary[summary["n"] > 0]
+    flagged = cells[cells["flagged"]]
+    recorded = len(_recorded(stats.usable(runs), "improving_at_end"))
+    why = ("Why: scaling-law practice fits converged points only (Hestness et al. 2017; Kaplan et al. 2020): a point "
+           "still improving measures its budget, not its data.")
+    if not recorded:
+        return ("- **Cells still improving when their budget ended**: not recorded by these runs; no cell is flagged, "
+                f"so fits may include under-trained points. {why}")
+    if flagged.empty:
+        return (f"- **Cells still improving when their budget ended**: none of {_plural(len(cells), 'cell')} "
+                f"(every run's best validation came before its last evaluations, or it stopped early). {why}")
+    names = ", ".join(f"{r['model']} · {condition_label(r['pretraining'], r['pretrain_size'])} · "
+                      f"{100 * r['train_fraction']:g}%" for _, r in flagged.iterrows())
+    return (f"- **Cells still improving when their budget ended**: {len(flagged)} of {len(cells)} ({names}); "
+            f"marked {tables.FLAG} in the tables and hollow in the figures, and kept out of fits and crossovers. {why}")
+
+
+def _seed_line(target: pd.DataFrame) -> str:
+    both = target.dropna(subset=["data_seed"])
+    why = ("Why: data sampling, order and augmentation vary results as much as initialisation does "
+           "(Bouthillier et al. 2021), and pairing by seed gives both nets the same subset and order.")
+    if both.empty:
+        return (f"- **Seeds**: `data_seed` is not recorded, so whether seeds vary the data is unknown; comparisons are "
+                f"paired by seed. {why}")
+    follow = int((both["data_seed"] == both["seed"]).sum())
+    if follow == len(both):
+        return (f"- **Seeds vary initialisation and data together** (`data_seed` = `seed` in all {len(both)} runs): "
+                f"a cell's spread covers subset, order and augmentation; ViT − CNN and pretraining gains are paired "
+                f"by seed. {why}")
+    fixed = len(both) - follow
+    return (f"- **Seeds**: `data_seed` differs from `seed` in {fixed} of {len(both)} runs that record it: their "
+            f"spread covers initialisation only, so intervals understate the data's variance; comparisons are "
+            f"paired by seed. {why}")
+
+
+def _interval_line(runs: pd.DataFrame, source: str) -> str:
+    done = stats.usable(runs)
+    with_predictions = int(done["predictions_path"].notna().sum()) if "predictions_path" in done else 0
+    text = (f"- **Intervals**: 95% Student-t intervals over seeds for n ≥ 2 (of the differences paired by seed for "
+            f"ViT − CNN and pretraining gains); at n = 1, {stats.TEST_SAMPLING}: a Wilson interval over the test "
+            f"images for an accuracy, and for a difference a paired bootstrap over the test images "
+            f"({stats.N_RESAMPLES:,} resamples, seed {stats.SEED}) with an exact McNemar test, from both runs' "
+            f"`predictions.npz`. A predictions file is recorded for {with_predictions} of the "
+            f"{_plural(len(done), 'run')} with a test accuracy")
+    if source.startswith("W&B"):
+        text += " (read from W&B: the predictions files stay in the run folders, so n = 1 differences have no interval)"
+    return text + (". Why: the t interval keeps its 95% coverage at every n for normal data, while a percentile "
+                   "bootstrap over 2–5 seeds covers far less (Hesterberg 2015); McNemar's test is the test for two "
+                   "classifiers on one test set (Dietterich 1998).")
+
+
+def _recipe_line(target: pd.DataFrame) -> str:
+    done = target[target["status"] == "completed"]
+    recipe = [c for c in done if c.startswith("spec/") and c.removeprefix("spec/") not in (*NET_FIELDS,
+                                                                                            *PLACEMENT_FIELDS)]
+    vit, cnn = (done[done["arch"] == arch].set_index(stats.PAIR)[recipe] for arch in ("vit", "cnn"))
+    pairs = vit.join(cnn, how="inner", lsuffix="|vit", rsuffix="|cnn")
+    differing = []
+    for col in recipe:
+        a, b = pairs[f"{col}|vit"], pairs[f"{col}|cnn"]
+        known = a.notna() & b.notna()
+        if (a[known].astype(str) != b[known].astype(str)).any():
+            differing.append(f"`{col.removeprefix('spec/')}` (ViT {', '.join(_values(a[known]))}; "
+                             f"CNN {', '.join(_values(b[known]))})")
+    why = ("Why: recipe choices (augmentation, regularisation, schedule) matter most for ViTs on small data "
+           "(DeiT, Touvron et al. 2021; AugReg, Steiner et al. 2022), so a per-model recipe would decide the "
+           "comparison.")
+    if differing:
+        return f"- **One recipe for both nets**: paired ViT and CNN runs differ in {'; '.join(differing)}. {why}"
+    return (f"- **One recipe for both nets**: every recipe field of the spec is identical between paired ViT and CNN "
+            f"runs ({_plural(len(pairs), 'pair')}; the fixed fields are listed under Setup). {why}")
+
+
+def _precision_line(runs: pd.DataFrame, target: pd.DataFrame) -> list[str]:
+    requested = _values(_recorded(target, "spec/precision"))
+    resolved = _values(_recorded(target, "precision"))
+    hardware = _values(_recorded(target, "hardware"))
+    lines = [f"- **Precision**: requested {', '.join(requested) or 'not recorded'}; resolved "
+             f"{', '.join(resolved) or 'not recorded'}, once per sweep from what the hardware runs natively, so both "
+             "nets share it. Hardware: " + ("; ".join(hardware) or "not recorded") + ". Why: a precision one net "
+             "runs natively and the other emulates, or that differs between paired runs, would measure the "
+             "arithmetic, not the nets."]
+    bad = stats.precision_mismatches(runs)
+    if len(bad):
+        pairs = "; ".join(f"{r['vit_model']} {r['vit_precision']} vs {r['cnn_model']} {r['cnn_precision']} "
+                          f"({condition_label(r['pretraining'], r['pretrain_size'])}, "
+                          f"{100 * r['train_fraction']:g}%, seed {r['seed']})" for _, r in bad.iterrows())
+        lines.append(f"- **Warning, fairness violation**: {_plural(len(bad), 'paired run')} differ in resolved "
+                     f"precision: {pairs}. Their differences mix the nets with the arithmetic.")
+    return lines
+
+
+def protocol_section(collection: Collection) -> list[str]:
+    """Markdown lines: the protocol, as the runs' own fields state it, each with one line of justification."""
+    runs = collection.runs
+    target = stats.targets(runs)
+    return [
+        "## Protocol", "",
+        _budget_line(target),
+        _selection_line(target),
+        _flag_line(runs),
+        _seed_line(target),
+        _interval_line(runs, collection.source),
+        f"- **Fits**: test error err(n) = {stats.FORMS[3]} per model and pretraining, on the unflagged cells' "
+        f"runs; {stats.FORMS[2]} (c = 0) when the first is not identified. A fit is identified only if it "
+        f"converged, no parameter sits on a bound (a ≥ 0, 0 ≤ b ≤ {stats.B_MAX:g}, 0 ≤ c ≤ 1) and the distinct training sizes "
+        f"exceed its parameters by at least {stats.MIN_RESIDUAL_DOF}; otherwise it is reported as not identified, "
+        "and no curve or crossover is drawn from it. Why: a parameter on its bound, or as many parameters as "
+        "sizes, lets the curve pass through the points without saying anything about a law.",
+        "- **No extrapolation**: a crossover is searched only between the smallest and the largest training size "
+        "both fits cover; beyond them the report says \"no crossover in the measured range\". Why: a fitted law is "
+        "evidence only where it has points.",
+        _recipe_line(target),
+        *_precision_line(runs, target),
+    ]
+
+
+# --------------------------------------------------------------- completeness
+def completeness_section(collection: Collection) -> list[str]:
+    """Markdown lines: how many expected runs finished, and which cells and seeds are missing, failed or diverged."""
+    runs = collection.runs
+    lines = ["## Completeness", ""]
+    if collection.plan is None:
+        counts = stats.status_counts(runs)
+        lines.append(f"- {collection.plan_note}. Finished: {len(stats.targets(runs))} fine-tuning runs "
+                     f"({counts['completed']} completed, {counts['failed']} failed, {counts['diverged']} diverged) "
+                     f"and {_plural(int((runs['role'] == 'pretrain').sum()), 'upstream run')}; missing runs cannot "
+                     "be listed.")
+        return lines
+    plan = collection.plan
+    state = collect.plan_status(plan, runs)
+    counts = state["state"].value_counts()
+    n_train, n_pre = int((state["role"] == "train").sum()), int((state["role"] == "pretrain").sum())
+    lines.append(f"- `{collect.PLAN_FILE}` ({plan.file or 'sweep file unknown'}) expects {len(state)} runs "
+                 f"({n_train} fine-tuning, {n_pre} upstream pretraining): "
+                 + ", ".join(f"{int(counts.get(s, 0))} {s}" for s in ("completed", "failed", "diverged", "missing"))
+                 + ".")
+    extra = sorted(set(runs["run_id"]) - set(plan.runs["run_id"]))
+    if extra:
+        lines.append(f"- {_plural(len(extra), 'run')} in the folder {'is' if len(extra) == 1 else 'are'} not in "
+                     f"`{collect.PLAN_FILE}` (from another version of the sweep file); the statistics include "
+                     f"{'it' if len(extra) == 1 else 'them'}.")
+    open_runs = state[state["state"] != "completed"]
+    if open_runs.empty:
+        lines.append("- Every expected run has completed.")
+        return lines
+    lines += ["", "| role | dataset | model | pretraining | fraction | missing seeds | failed seeds | diverged seeds |",
+              "|---|---|---|---|---|---|---|---|"]
+    keys = ["role", "dataset", "model", "pretraining", "pretrain_size", "train_fraction"]
+    for key, group in _in_condition_order(open_runs, ["role", "model", "train_fraction"]).groupby(
+            keys, dropna=False, sort=False):
+        role, dataset, model, pre, size, fraction = key
+        seeds = {s: ", ".join(_values(group.loc[group["state"] == s, "seed"])) or "–"
+                 for s in ("missing", "failed", "diverged")}
+        lines.append(f"| {role} | {dataset} | {model} | {condition_label(pre, size)} | {100 * fraction:g}% | "
+                     f"{seeds['missing']} | {seeds['failed']} | {seeds['diverged']} |")
+    return lines
+
+
+# --------------------------------------------------------------- findings
+def _where(row: pd.Series, multi: bool) -> str:
+    """"At 1% (540 images), scratch" (with the dataset when the sweep has several)."""
+    images = "" if pd.isna(row["n_images"]) else f" ({_images(row['n_images'])} images)"
+    dataset = f" on {row['dataset']}" if multi else ""
+    return (f"At {100 * row['train_fraction']:g}%{images}{dataset}, "
+            f"{condition_label(row['pretraining'], row['pretrain_size'])}")
+
+
+def gap_sentence(row: pd.Series, multi: bool = False) -> str:
+    """One paired ViT − CNN difference as a sentence: a direction only with its n and interval."""
+    vit, cnn = row["vit_model"], row["cnn_model"]
+    where = _where(row, multi)
+    flag = (f" ({tables.FLAG} at least one of the two cells was still improving when its budget ended)"
+            if row["flagged"] else "")
+    diff = f"ViT − CNN {_signed(row['mean'])} points, {interval_text(row)}"
+    if not _has_interval(row):
+        return f"{where}: {diff}; with no interval, no direction is stated{flag}."
+    if round(100 * row["mean"], 1) == 0:
+        return f"{where}: {vit} and {cnn} are level ({diff}){flag}."
+    leader, other = (vit, cnn) if row["mean"] > 0 else (cnn, vit)
+    text = f"{where}: {leader} is ahead of {other} by {abs(100 * row['mean']):.1f} points ({diff})"
+    if not _excludes_zero(row):
+        text += "; the interval includes 0, so the order is not established"
+    elif row["interval"] == "test":
+        text += ("; the interval excludes 0 for these test images, but with one seed the variation between seeds "
+                 "is not measured")
+    else:
+        text += "; the interval excludes 0"
+    return text + f"{flag}."
+
+
+def gap_findings(runs: pd.DataFrame, diffs: pd.DataFrame, expected: pd.DataFrame | None) -> Iterable[str]:
+    """One sentence per training size of every (condition, ViT, CNN) pair; sizes and conditions without a pair say so.
+
+    The sizes are those with a run or, given `expected` (the plan's runs), expected to have one.
+    """
+    cells = stats.targets(runs)[stats.CELL]
+    multi = cells["dataset"].nunique() > 1
+    if expected is not None:
+        cells = pd.concat([cells, expected.loc[expected["role"] == "train", stats.CELL]])
+    conditions = _in_condition_order(cells[stats.CONDITION].drop_duplicates(), [])
+    for _, key in conditions.iterrows():
+        cond = stats.select(cells, **key)
+        fractions = sorted(cond["train_fraction"].unique())
+        models = models_in_order(cond)
+        for vit in (m for m, arch in models if arch == "vit"):
+            for cnn in (m for m, arch in models if arch == "cnn"):
+                pair = stats.select(diffs, vit_model=vit, cnn_model=cnn, **key)
+                for fraction in fractions:
+                    hit = pair[pair["train_fraction"] == fraction]
+                    if len(hit):
+                        yield gap_sentence(hit.iloc[0], multi)
+                        continue
+                    where = (f"{100 * fraction:g}%{f' on {key.dataset}' if multi else ''}, "
+                             f"{condition_label(key.pretraining, key.pretrain_size)}")
+                    yield f"At {where}: no completed {vit}/{cnn} pair with the same seed yet ({vit} − {cnn} missing)."
+
+
+def pretraining_findings(gains: pd.DataFrame) -> Iterable[str]:
+    """The paired gain of each pretraining over scratch, per model and size, with its n and interval."""
+    multi = gains["dataset"].nunique() > 1
+    for _, row in _in_condition_order(gains, ["model", "train_fraction"]).iterrows():
+        where = _where(row, multi).replace(", ", " with ", 1) + " pretraining"
+        gain = f"{_signed(row['mean'])} points over scratch ({interval_text(row)})"
+        if not _has_interval(row):
+            verdict = "with no interval, no direction is stated"
+        elif _excludes_zero(row):
+            verdict = "the interval excludes 0"
+        else:
+            verdict = "the interval includes 0, so no effect is established"
+        flag = f" ({tables.FLAG} still improving when its budget ended)" if row["flagged"] else ""
+        yield f"{where}: {row['model']} changes by {gain}; {verdict}{flag}."
+
+
+def upstream_findings(runs: pd.DataFrame) -> Iterable[str]:
+    """The upstream pretraining runs' own validation accuracy, and whether they plateaued."""
+    for _, up in stats.upstream_summary(runs).iterrows():
+        what = f"{up['model']} on {condition_label(up['pretraining'], up['pretrain_size'])} (run `{up['run_id']}`)"
+        acc = "not recorded" if pd.isna(up["val_acc1"]) else f"{100 * up['val_acc1']:.1f}%"
+        if pd.isna(up["improving_at_end"]):
+            plateau = "whether it plateaued is not recorded"
+        elif up["improving_at_end"]:
+            plateau = ("it was still improving when its budget ended: the upstream task is not yet learned, "
+                       "so its fine-tuning gains may understate what this pretraining can do")
+        else:
+            plateau = "it had plateaued (not improving at the end of its budget)"
+        status = "" if up["status"] == "completed" else f" [{up['status']}]"
+        yield (f"Upstream {what}{status}: its own validation accuracy {acc}; {plateau}; "
+               f"{_plural(int(up['n_finetuned']), 'fine-tuning run')} start from it.")
+
+
+def fit_findings(fits: pd.DataFrame) -> Iterable[str]:
+    """Each curve's fit, or why it is not identified."""
+    multi = fits["dataset"].nunique() > 1
+    for _, f in _in_condition_order(fits, ["model"]).iterrows():
+        who = (f"{f['model']} · {condition_label(f['pretraining'], f['pretrain_size'])}"
+               + (f" on {f['dataset']}" if multi else ""))
+        if not f["identified"]:
+            yield f"Fit {who}: not identified ({f['reason']}); no curve is drawn."
+            continue
+        law = f"{f['a']:.3g}·n^(−{f['b']:.3f})" + (f" + {f['c']:.3f}" if f["n_params"] == 3 else "")
+        kept = f", {_plural(int(f['n_flagged_sizes']), 'flagged size')} kept out" if f["n_flagged_sizes"] else ""
+        yield (f"Fit {who}: err(n) = {law} ({f['form']}; {f['n_sizes']} sizes, {f['dof']} residual degrees of "
+               f"freedom, {_images(f['n_min'])}–{_images(f['n_max'])} images{kept}).")
+
+
+def _nearest(diffs: pd.DataFrame, cond: dict[str, object], sizes: Iterable[float], bracket: bool = False) -> str:
+    """The measured ViT − CNN differences at the training sizes (n_images) nearest to `sizes`.
+
+    With `bracket`, the nearest measured size at or below and at or above each of `sizes`.
+    """
+    rows = stats.select(diffs, **cond)
+    rows = rows[rows["n"] > 0]
+    if rows.empty:
+        return ""
+    picked = []
+    for size in sizes:
+        below, above = rows[rows["n_images"] <= size], rows[rows["n_images"] >= size]
+        sides = [below["n_images"].idxmax(), above["n_images"].idxmin()] if bracket and len(below) and len(above) \
+            else [(rows["n_images"] - size).abs().idxmin()]
+        picked += [i for i in sides if i not in picked]
+    parts = [f"at {_images(rows.loc[i, 'n_images'])} images ViT − CNN {_signed(rows.loc[i, 'mean'])} points "
+             f"({interval_text(rows.loc[i])})" for i in sorted(picked, key=lambda i: rows.loc[i, "n_images"])]
+    return "; measured: " + "; ".join(parts)
+
+
+def crossover_findings(cross: pd.DataFrame, diffs: pd.DataFrame, fits: pd.DataFrame) -> Iterable[str]:
+    """One sentence per (condition, ViT, CNN): the crossover inside the measured range, or why there is none.
+
+    A sentence about which fitted curve is lower ends with the measured paired
+    differences (n and interval) at the sizes around the point it names.
+    """
     multi = cross["dataset"].nunique() > 1
     for _, c in _in_condition_order(cross, ["vit_model", "cnn_model"]).iterrows():
+        cond = {k: c[k] for k in ("dataset", "pretraining", "pretrain_size", "vit_model", "cnn_model")}
         where = f"{c['dataset']}, " if multi else ""
         who = f"{c['vit_model']} vs {c['cnn_model']} ({where}{condition_label(c['pretraining'], c['pretrain_size'])})"
         measured = f"{_images(c['n_min'])}–{_images(c['n_max'])} images"
-        if c["status"] == "not_fitted":
-            yield f"Crossover {who}: not estimated, the power-law fit {c['note']}."
-            continue
-        if c["status"] == "none":
-            yield (f"Crossover {who}: no crossover in the measured range ({measured}), nor up to "
-                   f"{stats.EXTRAPOLATION:g}× the largest size: the ViT's fitted error stays above the CNN's.")
-            continue
-        if c["status"] == "vit_ahead":
-            lead = f"the ViT's fitted error is already lower at {_images(c['n_min'])} images"
-            if math.isnan(c["cnn_overtakes"]):
-                yield (f"Crossover {who}: none, {lead} and stays lower up to {stats.EXTRAPOLATION:g}× the "
-                       "largest size.")
-            else:
-                beyond = ("inside the measured range" if c["cnn_overtakes"] <= c["n_max"]
-                          else "beyond the largest measured size, an extrapolation")
-                yield (f"Crossover {who}: reversed, {lead}, and the CNN's falls below it at "
-                       f"≈ {_images(c['cnn_overtakes'])} training images ({beyond}).")
-            continue
-        where = ("inside the measured range" if c["status"] == "measured"
-                 else f"beyond the largest measured size, an extrapolation (up to {stats.EXTRAPOLATION:g}×)")
-        interval = (f"95% bootstrap interval {_images(c['ci_low'])}–{_images(c['ci_high'])}"
-                    if not math.isnan(c["ci_low"]) else f"interval undetermined: {c['note']}")
-        yield (f"Crossover {who}: the fitted error curves cross at ≈ {_images(c['n'])} training images "
-               f"({interval}), {where} ({measured}); above it the ViT's fitted error is lower.")
+        if c["status"] == "not_identified":
+            cond_fits = stats.select(fits, **{k: c[k] for k in stats.CONDITION})
+            unidentified = [m for m in (c["vit_model"], c["cnn_model"])
+                            if not stats.select(cond_fits, model=m)["identified"].all()]
+            yield (f"Crossover {who}: not estimated, the fit of {' and '.join(unidentified)} is not identified "
+                   "(see above)." if unidentified else f"Crossover {who}: not estimated, {c['note']}.")
+        elif c["status"] == "none":
+            yield (f"Crossover {who}: no crossover in the measured range ({measured}), where the ViT's fitted error "
+                   f"stays above the CNN's{_nearest(diffs, cond, (c['n_min'], c['n_max']))}.")
+        elif c["status"] == "vit_ahead":
+            overtakes = not math.isnan(c["cnn_overtakes"])
+            after = (f"and the CNN's falls below it at ≈ {_images(c['cnn_overtakes'])} images" if overtakes
+                     else "and stays lower over the range")
+            around = (c["n_min"], c["cnn_overtakes"] if overtakes else c["n_max"])
+            yield (f"Crossover {who}: reversed, the ViT's fitted error is lower at {_images(c['n_min'])} images "
+                   f"{after} (measured range {measured}){_nearest(diffs, cond, around, bracket=True)}.")
+        else:
+            yield (f"Crossover {who}: the fitted error curves cross at ≈ {_images(c['n'])} training images, inside "
+                   f"the measured range ({measured}); above it the ViT's fitted error is lower"
+                   f"{_nearest(diffs, cond, (c['n'],), bracket=True)}; the crossover itself has no interval, the "
+                   "measured differences carry the uncertainty.")
 
 
-def _evidence_findings(runs: pd.DataFrame, summary: pd.DataFrame, fits: pd.DataFrame) -> Iterable[str]:
+def caveat_findings(runs: pd.DataFrame, summary: pd.DataFrame, fits: pd.DataFrame) -> Iterable[str]:
     """Explicit statements where the evidence is weak."""
     cells = summary[summary["n"] > 0]
     single = int((cells["n"] == 1).sum())
     if len(cells) and single == len(cells):
-        yield "Every cell has a single seed: no confidence intervals, every comparison is anecdotal."
+        yield (f"Every cell has a single seed: its intervals are {stats.TEST_SAMPLING}, and the variation between "
+               "seeds (initialisation, subset, order) is not measured.")
     elif single:
-        yield f"{single} of {len(cells)} cells have a single seed (no interval)."
-    if len(cells) and cells["n"].max() == 2:
-        yield "At most 2 seeds per cell: a bootstrap interval from two values is only their range."
+        yield (f"{single} of {len(cells)} cells have a single seed: their intervals, where predictions exist, cover "
+               "test sampling only.")
     sizes = int(stats.usable(runs)["train_fraction"].nunique())
+    needed = 2 + stats.MIN_RESIDUAL_DOF
     if sizes == 0:
         yield "No completed runs: there is nothing to compare."
-    elif sizes < stats.MIN_SIZES:
-        yield (f"Only {sizes} training-set size{'s' if sizes != 1 else ''} measured: power-law fits and crossover "
-               f"estimates need at least {stats.MIN_SIZES}.")
-    unfitted = fits[~fits["fitted"]]
+    elif sizes < needed:
+        yield (f"Only {_plural(sizes, 'training-set size')} measured: an identified fit needs at least {needed} "
+               f"distinct sizes ({needed + 1} for {stats.FORMS[3]}), so no curve or crossover is estimated.")
+    unfitted = fits[~fits["identified"]]
     if 0 < len(unfitted) < len(fits):
-        yield f"{len(unfitted)} of {len(fits)} (model, pretraining) curves could not be fitted."
+        yield f"{len(unfitted)} of {len(fits)} (model, pretraining) curves are not identified."
     counts = stats.status_counts(runs)
     if counts["failed"] or counts["diverged"]:
         yield (f"{counts['failed']} failed and {counts['diverged']} diverged runs are excluded from every "
@@ -217,45 +537,40 @@ def _evidence_findings(runs: pd.DataFrame, summary: pd.DataFrame, fits: pd.DataF
                "their cells pool over those runs.")
 
 
-def findings_section(runs: pd.DataFrame, crossovers: pd.DataFrame) -> list[str]:
-    """Markdown lines: the numbers behind each claim, with their caveats."""
+def findings_section(runs: pd.DataFrame, expected: pd.DataFrame | None = None) -> list[str]:
+    """Markdown lines: for each size, who is ahead with its n and interval; pretraining; upstream; fits; caveats."""
     diffs = stats.arch_differences(runs)
     gains = stats.pretraining_gains(runs)
-    lines = ["## Findings", ""]
-    lines += [f"- {s}" for s in _gap_findings(runs, diffs)]
+    fits = stats.power_law_fits(runs)
+    cross = stats.crossovers(runs, fits=fits)
+    lines = ["## Findings", "", "### ViT vs CNN at each training size", ""]
+    lines += [f"- {s}" for s in gap_findings(runs, diffs, expected)]
     if diffs.empty:
         lines.append("- No paired ViT − CNN comparison: no ViT and CNN runs completed with the same dataset, "
                      "fraction, pretraining and seed.")
-    lines += [f"- {s}" for s in _pretraining_findings(gains, diffs)]
-    lines += [f"- {s}" for s in _crossover_findings(crossovers)]
-    lines += [f"- {s}" for s in _evidence_findings(runs, stats.summarize(runs), stats.power_law_fits(runs))]
+    if len(gains):
+        lines += ["", "### Pretraining", ""] + [f"- {s}" for s in pretraining_findings(gains)]
+    upstream = list(upstream_findings(runs))
+    if upstream:
+        lines += ["", "### Upstream pretraining runs", ""] + [f"- {s}" for s in upstream]
+    if len(fits):
+        lines += ["", "### Power-law fits and crossover", ""]
+        lines += [f"- {s}" for s in fit_findings(fits)] + [f"- {s}" for s in crossover_findings(cross, diffs, fits)]
+    caveats = list(caveat_findings(runs, stats.summarize(runs), fits))
+    if caveats:
+        lines += ["", "### Caveats", ""] + [f"- {s}" for s in caveats]
     return lines
 
 
-def method_section() -> list[str]:
-    """Markdown lines: how the numbers are computed."""
-    return [
-        "## Method", "",
-        f"- Cells aggregate completed runs over seeds: mean ± half-width of the {stats.CONFIDENCE:.0%} "
-        f"percentile-bootstrap CI (`scipy.stats.bootstrap`, {stats.N_RESAMPLES} resamples, seed {stats.SEED}); "
-        "n=1 gives no interval; failed and diverged runs are counted but excluded.",
-        "- ViT − CNN differences and pretraining gains are paired on seed (same dataset, fraction, pretraining).",
-        f"- Power law: test error ≈ a·n^(−b) + c per (model, pretraining), fitted on every run with "
-        f"`scipy.optimize.curve_fit` (a > 0, 0 < b ≤ 2, 0 ≤ c ≤ 1), only with ≥ {stats.MIN_SIZES} training-set "
-        f"sizes. The crossover is where the ViT's fitted error falls below the CNN's, searched up to "
-        f"{stats.EXTRAPOLATION:g}× the largest size; its interval is a bootstrap over runs within each size, "
-        "reported only when most resamples find a crossover.",
-    ]
-
-
-def build_report(
-    collection: Collection, sweep: str, built: list[Table], table_skips: dict[str, str],
-    figures: dict[str, list[Path]], figure_skips: dict[str, str], crossovers: pd.DataFrame,
-) -> str:
+# --------------------------------------------------------------- report
+def build_report(collection: Collection, sweep: str, built: list[Table], table_skips: dict[str, str],
+                 figures: dict[str, list[Path]], figure_skips: dict[str, str]) -> str:
     """The whole report.md text."""
     lines = [f"# Sweep `{sweep}`: ViT vs CNN", ""]
     lines += setup_section(collection, sweep) + [""]
-    lines += findings_section(collection.runs, crossovers) + [""]
+    lines += protocol_section(collection) + [""]
+    lines += completeness_section(collection) + [""]
+    lines += findings_section(collection.runs, collection.expected_runs) + [""]
     lines += ["## Tables", ""]
     for table in built:
         link = f"{tables.FOLDER}/{table.name}"
@@ -267,7 +582,6 @@ def build_report(
         title = plots.FIGURES[name].title
         lines += [f"![{title}]({plots.FOLDER}/{png})", "", f"*{title}* ([PDF]({plots.FOLDER}/{pdf}))", ""]
     lines += [f"- Figure `{name}` skipped: {reason}." for name, reason in figure_skips.items()]
-    lines += [""] + method_section()
     return "\n".join(lines).replace("\n\n\n", "\n\n").rstrip("\n") + "\n"
 
 
@@ -285,10 +599,7 @@ def log_to_wandb(mode: str, sweep: str, built: list[Table], figures: dict[str, l
 
 
 # --------------------------------------------------------------- driver
-def make_report(
-    collection: Collection, sweep: str, results_dir: Path | str, n_boot: int = CROSSOVER_RESAMPLES,
-    wandb_mode: str = "off",
-) -> Path:
+def make_report(collection: Collection, sweep: str, results_dir: Path | str, wandb_mode: str = "off") -> Path:
     """Write runs.csv, tables, figures and report.md for one sweep (and log them to W&B unless off).
 
     Returns:
@@ -297,10 +608,9 @@ def make_report(
     out = Path(results_dir) / sweep
     runs = collection.runs
     collect.save_runs(runs, results_dir, sweep)
-    built, table_skips = tables.write_tables(runs, out / tables.FOLDER)
+    built, table_skips = tables.write_tables(runs, out / tables.FOLDER, collection.expected_runs)
     figures, figure_skips = plots.write_figures(runs, out / plots.FOLDER)
-    crossovers = stats.crossovers(runs, n_boot=n_boot)
-    text = build_report(collection, sweep, built, table_skips, figures, figure_skips, crossovers)
+    text = build_report(collection, sweep, built, table_skips, figures, figure_skips)
     path = files.write_text(out / "report.md", text)
     if wandb_mode != "off":
         log_to_wandb(wandb_mode, sweep, built, figures)

@@ -1,14 +1,17 @@
 """Paper-style tables as Markdown and LaTeX (booktabs) strings.
 
-Every accuracy cell is "mean ± half-width of the 95% bootstrap CI over
-seeds", in percent; a single seed prints "± n/a (n=1)"; a missing value
-prints "–". The number of seeds is stated in each caption.
+Every estimate cell is "mean [95% interval] n=seeds", in percent for
+accuracies: a Student-t interval over seeds for n >= 2 (for a Δ, over the
+differences paired by seed); at n=1 the test-sampling interval, marked ‡; "†"
+marks a cell still improving when its budget ended (kept out of fits); a cell
+without a completed run reads "missing". Only a Δ whose t interval excludes 0
+is bold: never a single-seed "winner". Params and FLOPs stand beside every
+accuracy (in the model's column header or row label).
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +20,20 @@ import pandas as pd
 from tabulate import tabulate
 
 from analysis import stats
-from analysis.outputs import (NoData, condition_label, conditions_in_order, fraction_label, models_in_order,
-                              write_outputs)
+from analysis.outputs import (NoData, condition_label, conditions_in_order, cost_label, fraction_label,
+                              models_in_order, write_outputs)
 from common import files
 
 FOLDER = "tables"  # under results/SWEEP/
-DASH = "–"
-CI_TEXT = "mean ± half-width of the 95% percentile-bootstrap CI over seeds"
+DASH = "–"  # a metric the runs do not record
+MISSING = "missing"  # a cell without a completed run
+FLAG = "†"
+TEST_MARK = "‡"
+CI_TEXT = ("each cell: mean [95% interval] n=seeds; Student-t interval over seeds for n ≥ 2, "
+           "of the differences paired by seed for a Δ")
+FLAG_NOTE = f"{FLAG}: still improving when its budget ended; kept out of fits and crossovers."
+TEST_NOTE = (f"{TEST_MARK}: {stats.TEST_SAMPLING}: the Wilson interval over the test images for an accuracy, "
+             "a paired bootstrap over the test images for a Δ (McNemar p in the report).")
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,7 @@ _LATEX = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
     "±": r"$\pm$", "Δ": r"$\Delta$", "−": r"$-$", "–": "--", "≥": r"$\geq$", "×": r"$\times$", "·": r"$\cdot$",
+    "†": r"\dag{}", "‡": r"\ddag{}",
 }
 
 
@@ -97,65 +108,89 @@ def latex_escape(text: str) -> str:
 
 
 # --------------------------------------------------------------- formatting
-def format_estimate(
-    row: pd.Series | None, scale: float = 100.0, digits: int = 1, signed: bool = False, common_n: int = 0
-) -> str:
-    """A stats row (mean, n, ci_low, ci_high) -> "82.0 ± 2.0", "80.0 ± n/a (n=1)" or "–".
+def _number(value: float, digits: int, signed: bool) -> str:
+    """A number with the minus sign "−" (and "+" when signed); never "-0.0"."""
+    value = round(value, digits) or 0.0
+    return f"{value:{'+' if signed else ''}.{digits}f}".replace("-", "−")
 
-    Negative numbers use the minus sign "−".
+
+def format_estimate(row: pd.Series | None, scale: float = 100.0, digits: int = 1, signed: bool = False,
+                    empty: str = MISSING) -> str:
+    """A stats row -> "82.0 [79.5, 84.5] n=3", "88.0 [87.4, 88.6] n=1‡", "88.0 n=1 (no interval)" or `empty`.
+
+    A flagged row ends in " †"; an empty one names its failed and diverged runs.
 
     Args:
-        row: a row of a `stats` frame, or None for an empty cell.
+        row: a row of a `stats` frame, or None for a cell without runs.
         scale: 100 for fractions shown as percent.
         digits: decimals.
         signed: print a sign (differences).
-        common_n: the table's usual n; another n > 1 is stated in the cell.
+        empty: the text of a cell without a completed run (MISSING also names its failed and diverged runs).
     """
     if row is None or row["n"] == 0 or pd.isna(row["mean"]):
-        return DASH
+        bad = [f"{int(row[f'n_{s}'])} {s}" for s in ("failed", "diverged")
+               if empty == MISSING and row is not None and row.get(f"n_{s}", 0) > 0]
+        return f"{empty} ({', '.join(bad)})" if bad else empty
     n = int(row["n"])
-    value = round(row["mean"] * scale, digits) or 0.0  # no "-0.0"
-    mean = f"{value:{'+' if signed else ''}.{digits}f}".replace("-", "−")
-    if n == 1:
-        return f"{mean} ± n/a (n=1)"
-    half = f"{(row['ci_high'] - row['ci_low']) / 2 * scale:.{digits}f}"
-    return f"{mean} ± {half}" + ("" if n == common_n else f" (n={n})")
+    text = _number(row["mean"] * scale, digits, signed)
+    if row["interval"] in ("t", "test"):
+        low, high = (_number(row[k] * scale, digits, signed) for k in ("ci_low", "ci_high"))
+        text += f" [{low}, {high}] n={n}" + (TEST_MARK if row["interval"] == "test" else "")
+    else:
+        text += f" n={n} (no interval)"
+    return text + (f" {FLAG}" if row.get("flagged", False) else "")
 
 
-def seeds_text(counts: pd.Series, unit: str = "seeds") -> tuple[int, str]:
-    """The usual number of seeds (or runs) per cell, and a caption sentence about it."""
+def excludes_zero(row: pd.Series | None) -> bool:
+    """A difference whose Student-t interval over n >= 2 seeds lies wholly above or below 0."""
+    return (row is not None and row["n"] >= 2 and row["interval"] == "t"
+            and (row["ci_low"] > 0 or row["ci_high"] < 0))
+
+
+class _Legend:
+    """Formats a table's estimate cells and remembers the marks they used, for its notes."""
+
+    def __init__(self) -> None:
+        self.flagged = self.test = self.missing = False
+        self.no_interval: set[str] = set()
+
+    def cell(self, row: pd.Series | None, scale: float = 100.0, digits: int = 1, signed: bool = False,
+             bold_if_excludes_zero: bool = False, empty: str = MISSING) -> Cell:
+        """The Cell of one estimate (bold only for a difference whose interval excludes 0)."""
+        if row is None or row["n"] == 0 or pd.isna(row["mean"]):
+            self.missing |= empty == MISSING
+        else:
+            self.flagged |= bool(row.get("flagged", False))
+            self.test |= row["interval"] == "test"
+            if row["interval"] == "none" and row.get("interval_note"):
+                self.no_interval.add(str(row["interval_note"]))
+        return Cell(format_estimate(row, scale, digits, signed, empty), bold_if_excludes_zero and excludes_zero(row))
+
+    def notes(self) -> list[str]:
+        """One footnote per mark used."""
+        notes = [FLAG_NOTE] * self.flagged + [TEST_NOTE] * self.test
+        if self.no_interval:
+            notes.append("n=1 (no interval): " + "; ".join(sorted(self.no_interval)) + ".")
+        if self.missing:
+            notes.append(f"{MISSING}: no completed run in this cell (failed and diverged runs are counted in it).")
+        return notes
+
+
+def seeds_text(counts: pd.Series) -> str:
+    """A caption sentence about the number of seeds per cell: "n = 2–3 seeds per cell."."""
     counts = [int(n) for n in counts if n > 0]
     if not counts:
-        return 0, "No completed runs."
-    common = max(Counter(counts).items(), key=lambda kv: (kv[1], kv[0]))[0]
+        return "No completed runs."
     lo, hi = min(counts), max(counts)
-    text = f"n = {common} {unit} per cell" if lo == hi else f"n = {lo}–{hi} {unit} per cell ({common} unless stated)"
-    if common == 2:
-        text += f"; with n = 2 the interval is the range of the two {unit}"
-    return common, text + "."
+    if lo == hi:
+        return f"n = {lo} seed{'s' if lo > 1 else ''} per cell."
+    return f"n = {lo}–{hi} seeds per cell."
 
 
 def _lookup(frame: pd.DataFrame, **keys: object) -> pd.Series | None:
     """The first row of `frame` whose columns equal `keys` (NaN matches NaN), or None."""
     hits = stats.select(frame, **keys)
     return hits.iloc[0] if len(hits) else None
-
-
-def _mean(row: pd.Series | None) -> float:
-    """The mean of a stats row, NaN when absent or empty."""
-    return math.nan if row is None or row["n"] == 0 else float(row["mean"])
-
-
-def _bold_best(cells: list[Cell], values: list[float], lower_is_better: bool = False) -> list[Cell]:
-    """Bold the single best finite value among `values` (no bold on ties or < 2 values)."""
-    finite = [(v, i) for i, v in enumerate(values) if not pd.isna(v)]
-    if len(finite) < 2:
-        return cells
-    best = min(v for v, _ in finite) if lower_is_better else max(v for v, _ in finite)
-    winners = [i for v, i in finite if v == best]
-    if len(winners) != 1:
-        return cells
-    return [Cell(c.text, True) if i == winners[0] else c for i, c in enumerate(cells)]
 
 
 def _excluded_note(runs: pd.DataFrame) -> list[str]:
@@ -168,191 +203,201 @@ def _excluded_note(runs: pd.DataFrame) -> list[str]:
     return [f"Excluded from the statistics: {parts} run{'s' if sum(bad.values()) > 1 else ''}."]
 
 
+def _model_label(runs: pd.DataFrame, model: str, label: str | None = None, **keys: object) -> str:
+    """`label` (default: the model) with what the model's runs cost.
+
+    "resnet50 · scratch (23.5M params · 1 GFLOPs/img · train 38.4 TFLOPs)"; `keys` select the runs.
+    """
+    cost = cost_label(stats.select(stats.targets(runs), model=model, **keys))
+    label = label or model
+    return f"{label} ({cost})" if cost else label
+
+
 # --------------------------------------------------------------- the tables
-def data_efficiency_table(runs: pd.DataFrame, metric: str = stats.METRIC) -> Table:
+def data_efficiency_table(runs: pd.DataFrame, metric: str = stats.METRIC,
+                          expected: pd.DataFrame | None = None) -> Table:
     """Table 1: accuracy per training fraction (rows) x model and pretraining (columns).
 
-    Each pretraining gets one column per model (better architecture in
-    bold) and one paired Δ(ViT − CNN) column per (ViT, CNN) pair.
+    Each pretraining gets one column per model (headed by its params and
+    FLOPs) and one paired Δ(ViT − CNN) column per (ViT, CNN) pair, bold where
+    its interval excludes 0. `expected` cells (the sweep's plan) without runs
+    read "missing".
     """
-    summary = stats.summarize(runs, metric)
+    summary = stats.summarize(runs, metric, expected=expected)
     diffs = stats.arch_differences(runs, metric)
     if not summary["n"].any():
         raise NoData(f"no completed runs with {metric}")
-    common, seeds = seeds_text(pd.concat([summary["n"], diffs["n"]]))
     conds, models = conditions_in_order(summary), models_in_order(summary)
     pairs = [(v, c) for v, va in models for c, ca in models if va == "vit" and ca == "cnn"]
     multi = summary["dataset"].nunique() > 1
     header = ["Dataset"] * multi + ["Train fraction (images)"]
     for pre, size in conds:
         label = condition_label(pre, size)
-        header += [f"{m} · {label}" for m, _ in models] + [f"Δ {v} − {c} · {label}" for v, c in pairs]
+        header += [_model_label(runs, m, f"{m} · {label}", pretraining=pre, pretrain_size=size) for m, _ in models]
+        header += [f"Δ {v} − {c} · {label}" for v, c in pairs]
+    legend = _Legend()
     rows = []
-    for key, group in summary.groupby(["dataset", "train_fraction"], sort=True):
-        dataset, fraction = key
+    for (dataset, fraction), group in summary.groupby(["dataset", "train_fraction"], sort=True):
         row = [Cell(dataset)] * multi + [Cell(fraction_label(fraction, group["n_images"].max()))]
         for pre, size in conds:
             cond = dict(dataset=dataset, pretraining=pre, pretrain_size=size, train_fraction=fraction)
-            found = [_lookup(summary, model=m, **cond) for m, _ in models]
-            cells = [Cell(format_estimate(r, common_n=common)) for r in found]
-            row += _bold_best(cells, [_mean(r) for r in found])
-            for v, c in pairs:
-                d = _lookup(diffs, vit_model=v, cnn_model=c, **cond)
-                row.append(Cell(format_estimate(d, signed=True, common_n=common)))
+            row += [legend.cell(_lookup(summary, model=m, **cond)) for m, _ in models]
+            row += [legend.cell(_lookup(diffs, vit_model=v, cnn_model=c, **cond), signed=True,
+                                bold_if_excludes_zero=True) for v, c in pairs]
         rows.append(row)
-    caption = (f"Test accuracy (%) by training-set size; {CI_TEXT}. {seeds} Bold: the better model "
-               "within each pretraining. Δ: ViT − CNN in points, paired on seed.")
+    caption = (f"Test accuracy (%) by training-set size; {CI_TEXT}. {seeds_text(summary['n'])} "
+               "Δ: ViT − CNN in points, paired by seed; bold: its interval excludes 0. Column headers: parameters, "
+               "forward FLOPs per image and training FLOPs (3 × forward × images seen) of each model.")
     return Table("table1_data_efficiency", "Table 1. Data efficiency", caption, header, rows,
-                 n_keys=1 + multi, notes=_excluded_note(runs))
+                 n_keys=1 + multi, notes=legend.notes() + _excluded_note(runs))
 
 
-def pretraining_table(runs: pd.DataFrame, metric: str = stats.METRIC) -> Table:
+def pretraining_table(runs: pd.DataFrame, metric: str = stats.METRIC,
+                      expected: pd.DataFrame | None = None) -> Table:
     """Table 2: scratch vs each pretraining source, per model, at every training fraction.
 
     Columns: scratch accuracy, then per source its accuracy and its paired
-    gain over scratch (points); the best accuracy of each row is bold.
+    gain over scratch (points), bold where the gain's interval excludes 0.
     """
-    summary = stats.summarize(runs, metric)
-    summary = summary[summary["n"] > 0]
+    summary = stats.summarize(runs, metric, expected=expected)
     sources = [c for c in conditions_in_order(summary) if c[0] != "none"]
-    if not sources:
+    if not sources or not summary["n"].any():
         raise NoData("no pretrained runs (every run trains from scratch)")
     gains = stats.pretraining_gains(runs, metric)
-    common, seeds = seeds_text(pd.concat([summary["n"], gains["n"]]))
     multi = summary["dataset"].nunique() > 1
     header = ["Dataset"] * multi + ["Model", "Train fraction (images)", "scratch"]
     for pre, size in sources:
         label = condition_label(pre, size)
         header += [label, f"Δ {label} − scratch"]
+    legend = _Legend()
     rows = []
     for (dataset, model, fraction), group in summary.groupby(["dataset", "model", "train_fraction"], sort=True):
-        row = [Cell(dataset)] * multi + [Cell(model), Cell(fraction_label(fraction, group["n_images"].max()))]
+        row = [Cell(dataset)] * multi + [Cell(_model_label(runs, model)),
+                                         Cell(fraction_label(fraction, group["n_images"].max()))]
         cell = dict(dataset=dataset, model=model, train_fraction=fraction)
-        scratch = _lookup(summary, pretraining="none", pretrain_size=math.nan, **cell)
-        accs, values = [Cell(format_estimate(scratch, common_n=common))], [_mean(scratch)]
-        gain_cells = []
+        row.append(legend.cell(_lookup(summary, pretraining="none", pretrain_size=math.nan, **cell)))
         for pre, size in sources:
-            found = _lookup(summary, pretraining=pre, pretrain_size=size, **cell)
-            accs.append(Cell(format_estimate(found, common_n=common)))
-            values.append(_mean(found))
-            gain = _lookup(gains, pretraining=pre, pretrain_size=size, **cell)
-            gain_cells.append(Cell(format_estimate(gain, signed=True, common_n=common)))
-        accs = _bold_best(accs, values)
-        row.append(accs[0])
-        for acc, gain in zip(accs[1:], gain_cells):
-            row += [acc, gain]
+            row.append(legend.cell(_lookup(summary, pretraining=pre, pretrain_size=size, **cell)))
+            row.append(legend.cell(_lookup(gains, pretraining=pre, pretrain_size=size, **cell), signed=True,
+                                   bold_if_excludes_zero=True))
         rows.append(row)
-    caption = (f"Test accuracy (%) from scratch and with each pretraining, at every training fraction; "
-               f"{CI_TEXT}. {seeds} Bold: the best pretraining per row. Δ: gain over scratch in points, "
-               "paired on seed.")
+    caption = (f"Test accuracy (%) from scratch and with each pretraining, at every training fraction; {CI_TEXT}. "
+               f"{seeds_text(summary['n'])} Δ: gain over scratch in points, paired by seed; bold: its interval "
+               "excludes 0.")
     return Table("table2_pretraining", "Table 2. Pretraining", caption, header, rows,
-                 n_keys=2 + multi, notes=_excluded_note(runs))
+                 n_keys=2 + multi, notes=legend.notes() + _excluded_note(runs))
 
 
-# (column title, per-run column, scale, lower is better)
+# (column title, per-run column, scale)
 GENERALIZATION_COLUMNS = [
-    ("Clean acc. (%)", stats.METRIC, 100.0, False),
-    ("Mean corrupted acc. (%)", "corrupt/mean_acc1", 100.0, False),
-    ("mCE (%)", "corrupt/mce", 1.0, True),
-    ("ECE (%)", "test/ece", 100.0, True),
-    ("Train − test gap (points)", "train_test_gap", 100.0, None),
+    ("Clean acc. (%)", stats.METRIC, 100.0),
+    ("Mean corrupted acc. (%)", "corrupt/mean_acc1", 100.0),
+    ("mCE (%)", "corrupt/mce", 1.0),
+    ("ECE (%)", "test/ece", 100.0),
+    ("Train − test gap (points)", "train_test_gap", 100.0),
 ]
 
 
 def generalization_table(runs: pd.DataFrame, reference: str = stats.REFERENCE_CNN) -> Table:
     """Table 3: clean and corrupted accuracy, mCE, ECE and train-test gap per cell.
 
-    Rows are (training fraction, pretraining, model); the better model of each
-    (fraction, pretraining) is bold per column (not for the gap). Missing
-    metrics print "–".
+    Rows are (training fraction, pretraining, model); no cell is bold (these
+    are levels, not paired differences). Metrics not recorded print "–".
     """
     runs = stats.with_generalization(runs, reference)
-    per_column = [stats.summarize(runs, col) for _, col, _, _ in GENERALIZATION_COLUMNS]
+    per_column = [stats.summarize(runs, col) for _, col, _ in GENERALIZATION_COLUMNS]
     clean = per_column[0]
     if not clean["n"].any():
         raise NoData(f"no completed runs with {stats.METRIC}")
-    common, seeds = seeds_text(clean["n"])
     multi = clean["dataset"].nunique() > 1
     header = ["Dataset"] * multi + ["Train fraction (images)", "Pretraining", "Model"]
     header += [title for title, *_ in GENERALIZATION_COLUMNS]
+    legend = _Legend()
     rows = []
     for (dataset, fraction), group in clean.groupby(["dataset", "train_fraction"], sort=True):
         for pre, size in conditions_in_order(group):
-            models = models_in_order(stats.select(group, pretraining=pre, pretrain_size=size))
-            block = [[Cell(dataset)] * multi + [Cell(fraction_label(fraction, group["n_images"].max())),
-                                                  Cell(condition_label(pre, size)), Cell(m)] for m, _ in models]
-            for (_, _, scale, lower), frame in zip(GENERALIZATION_COLUMNS, per_column):
-                cond = dict(dataset=dataset, pretraining=pre, pretrain_size=size, train_fraction=fraction)
-                found = [_lookup(frame, model=m, **cond) for m, _ in models]
-                cells = [Cell(format_estimate(r, scale=scale, common_n=common)) for r in found]
-                if lower is not None:
-                    cells = _bold_best(cells, [_mean(r) for r in found], lower_is_better=lower)
-                for line, c in zip(block, cells):
-                    line.append(c)
-            rows += block
+            cond = dict(dataset=dataset, pretraining=pre, pretrain_size=size, train_fraction=fraction)
+            for model, _ in models_in_order(stats.select(group, pretraining=pre, pretrain_size=size)):
+                row = [Cell(dataset)] * multi + [Cell(fraction_label(fraction, group["n_images"].max())),
+                                                 Cell(condition_label(pre, size)), Cell(_model_label(runs, model))]
+                for (_, column, scale), frame in zip(GENERALIZATION_COLUMNS, per_column):
+                    found = _lookup(frame, model=model, **cond)
+                    row.append(legend.cell(found, scale=scale, empty=MISSING if column == stats.METRIC else DASH))
+                rows.append(row)
     ref = stats.mce_reference(runs, reference)
-    caption = (f"Generalization; {CI_TEXT}. {seeds} Mean corrupted accuracy averages every corruption and "
-               f"severity. mCE (Hendrycks & Dietterich 2019): per corruption, the error summed over severities "
-               f"divided by that of the reference CNN ({ref or 'none'}, its errors averaged over seeds) under the "
-               "same pretraining and fraction, averaged over corruptions, in %; the reference scores 100. "
-               "ECE: expected calibration error. Gap: train/acc1 − test/acc1. Bold: the better model per column.")
+    caption = (f"Generalization; {CI_TEXT}. {seeds_text(clean['n'])} Mean corrupted accuracy averages every "
+               f"corruption and severity. mCE (Hendrycks & Dietterich 2019): per corruption, the error summed over "
+               f"severities divided by that of the reference CNN ({ref or 'none'}, its errors averaged over seeds) "
+               "under the same pretraining and fraction, averaged over corruptions, in %; the reference scores 100. "
+               "ECE: expected calibration error. Gap: train/acc1 − test/acc1. –: not recorded.")
     return Table("table3_generalization", "Table 3. Generalization", caption, header, rows,
-                 n_keys=3 + multi, notes=_excluded_note(runs))
+                 n_keys=3 + multi, notes=legend.notes() + _excluded_note(runs))
 
 
-# (column title, per-run column, scale, digits, with CI)
+# (column title, per-run column, scale, digits): means over a cell's runs, beside its accuracy
 COST_COLUMNS = [
-    ("Params (M)", "params", 1e-6, 2, False),
-    ("GFLOPs/image", "flops_per_image", 1e-9, 3, False),
-    ("Train PFLOPs", "train_flops", 1e-15, 3, True),
-    ("Train images/s", "train_images_per_s", 1.0, 0, True),
-    ("Wall time (s)", "wall_time_s", 1.0, 0, True),
+    ("Params (M)", "params", 1e-6, 2),
+    ("GFLOPs/image", "flops_per_image", 1e-9, 3),
+    ("Train TFLOPs", "train_flops", 1e-12, 2),
+    ("Train steps", "train_steps", 1.0, 0),
+    ("Train images/s", "train_images_per_s", 1.0, 0),
+    ("Wall time (s)", "wall_time_s", 1.0, 0),
 ]
 
 
-def cost_table(runs: pd.DataFrame) -> Table:
-    """Table 4: parameters, FLOPs, throughput and wall time per model and fraction.
+def cost_table(runs: pd.DataFrame, expected: pd.DataFrame | None = None) -> Table:
+    """Table 4: each cell's accuracy beside its parameters, FLOPs, steps, throughput and wall time.
 
-    Pooled over pretraining conditions and seeds (completed fine-tuning runs
-    only; upstream pretraining runs are not included).
+    Completed fine-tuning runs only (upstream pretraining runs are not included).
     """
-    ok = stats.usable(runs)
-    if ok.empty:
+    accuracy = stats.summarize(runs, expected=expected)
+    if not accuracy["n"].any():
         raise NoData("no completed runs")
-    by = ["dataset", "model", "arch", "train_fraction"]
-    per_column = [stats.summarize(ok, col, by=by) for _, col, *_ in COST_COLUMNS]
-    base = stats.summarize(ok, by=by)
-    common, seeds = seeds_text(base["n"], unit="runs")
-    multi = base["dataset"].nunique() > 1
-    header = ["Dataset"] * multi + ["Model", "Train fraction (images)"] + [t for t, *_ in COST_COLUMNS]
+    costs = stats.usable(runs).groupby(stats.CELL, dropna=False, sort=True)[[c for _, c, *_ in COST_COLUMNS]]
+    costs = costs.mean().reset_index()
+    multi = accuracy["dataset"].nunique() > 1
+    header = ["Dataset"] * multi + ["Model", "Pretraining", "Train fraction (images)", "Test acc. (%)"]
+    header += [title for title, *_ in COST_COLUMNS]
+    legend = _Legend()
     rows = []
-    for _, cell in base.iterrows():
-        row = [Cell(cell["dataset"])] * multi + [Cell(cell["model"]),
-                                                 Cell(fraction_label(cell["train_fraction"], cell["n_images"]))]
-        for (_, _, scale, digits, with_ci), frame in zip(COST_COLUMNS, per_column):
-            found = _lookup(frame, **{k: cell[k] for k in by})
-            if with_ci:
-                row.append(Cell(format_estimate(found, scale=scale, digits=digits, common_n=common)))
-            else:
-                row.append(Cell(DASH if found is None or found["n"] == 0 else f"{found['mean'] * scale:.{digits}f}"))
-        rows.append(row)
-    caption = (f"Cost of the fine-tuning runs, pooled over pretraining conditions; {CI_TEXT} where shown. "
-               f"{seeds} GFLOPs/image: forward pass; train FLOPs = 3 × forward FLOPs × images seen.")
-    return Table("table4_cost", "Table 4. Cost", caption, header, rows, n_keys=2 + multi)
+    for model, _ in models_in_order(accuracy):
+        for pre, size in conditions_in_order(stats.select(accuracy, model=model)):
+            cells = stats.select(accuracy, model=model, pretraining=pre, pretrain_size=size)
+            for _, cell in cells.sort_values(["dataset", "train_fraction"], kind="mergesort").iterrows():
+                cost = _lookup(costs, **{k: cell[k] for k in stats.CELL})
+                row = [Cell(cell["dataset"])] * multi + [
+                    Cell(model), Cell(condition_label(pre, size)),
+                    Cell(fraction_label(cell["train_fraction"], cell["n_images"])), legend.cell(cell)]
+                row += [Cell(DASH if cost is None or pd.isna(cost[column]) else f"{cost[column] * scale:.{digits}f}")
+                        for _, column, scale, digits in COST_COLUMNS]
+                rows.append(row)
+    caption = (f"Accuracy and cost of each cell; accuracy: {CI_TEXT}. {seeds_text(accuracy['n'])} Cost columns: "
+               "means over the cell's completed runs. GFLOPs/image: forward pass; train FLOPs = 3 × forward FLOPs "
+               "× images seen; train steps: of the step budget, fewer when a run stopped early. –: not recorded.")
+    return Table("table4_cost", "Table 4. Cost", caption, header, rows, n_keys=3 + multi,
+                 notes=legend.notes() + _excluded_note(runs))
 
 
-TABLES: dict[str, Callable[[pd.DataFrame], Table]] = {
+TABLES: dict[str, Callable[..., Table]] = {
     "table1_data_efficiency": data_efficiency_table,
     "table2_pretraining": pretraining_table,
     "table3_generalization": generalization_table,
     "table4_cost": cost_table,
 }
+EXPECTING = ("table1_data_efficiency", "table2_pretraining", "table4_cost")  # show the plan's missing cells
 
 
-def write_tables(runs: pd.DataFrame, out_dir: Path) -> tuple[list[Table], dict[str, str]]:
+def write_tables(runs: pd.DataFrame, out_dir: Path,
+                 expected: pd.DataFrame | None = None) -> tuple[list[Table], dict[str, str]]:
     """Build every table that has data; write each as `<name>.md` and `<name>.tex` (atomically).
 
     Files of tables skipped this time are deleted, so none is stale.
+
+    Args:
+        runs: the runs frame.
+        out_dir: the tables folder.
+        expected: the runs the sweep's plan expects (`SweepPlan.runs`): their
+            cells read "missing" until they have a completed run.
 
     Returns:
         The tables written, and {skipped table name: reason}.
@@ -362,5 +407,8 @@ def write_tables(runs: pd.DataFrame, out_dir: Path) -> tuple[list[Table], dict[s
         files.write_text(stem.with_suffix(".tex"), table.to_latex())
         return table
 
-    built, skipped = write_outputs(TABLES, runs, out_dir, (".md", ".tex"), save, "table")
+    targets = None if expected is None else expected[expected["role"] == "train"]
+    makers = {name: (lambda runs, make=make: make(runs, expected=targets)) if name in EXPECTING else make
+              for name, make in TABLES.items()}
+    built, skipped = write_outputs(makers, runs, out_dir, (".md", ".tex"), save, "table")
     return list(built.values()), skipped

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from analysis import collect
@@ -40,8 +41,8 @@ def make_result(
     `fields` override top-level keys; the result must still pass `common.schema.check`.
     """
     spec = {"model": model, "dataset": dataset, "train_fraction": train_fraction, "seed": seed,
-            "data_seed": 0, "pretraining": pretraining, "pretrain_size": pretrain_size or 0,
-            "lr": 1e-3, "batch_size": 128, "role": "train"}
+            "data_seed": None, "pretraining": pretraining, "pretrain_size": pretrain_size or 0,
+            "lr": 1e-3, "batch_size": 128, "role": "train", "precision": "auto"}
     run_id = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     n_train = round(FULL_TRAIN * train_fraction)
     all_metrics = {"test/acc5": 0.99, "test/nll": 0.4}
@@ -53,7 +54,7 @@ def make_result(
         "schema_version": schema.SCHEMA_VERSION, "run_id": run_id, "sweep": SWEEP, "status": status,
         "error": None if status == "completed" else f"{status}: loss is nan",
         "model": model, "arch": ARCH[model], "dataset": dataset, "train_fraction": train_fraction,
-        "seed": seed, "data_seed": 0, "pretraining": pretraining, "pretrain_size": pretrain_size,
+        "seed": seed, "data_seed": seed, "pretraining": pretraining, "pretrain_size": pretrain_size,
         "pretrained_from": None, "profile": "cpu", "role": "train", "n_train": n_train, "n_val": 6000, "n_test": 10000,
         "subset_hash": "0123456789abcdef", "spec": spec,
         "selected": {"step": 100, "epoch": 2, "val/acc1": acc, "val/loss": 0.4},
@@ -63,6 +64,8 @@ def make_result(
         "flops_per_image": flops, "train_steps": 100, "train_images_seen": 12_800,
         "train_flops": 3 * flops * 12_800, "train_images_per_s": 300.0 if ARCH[model] == "cnn" else 900.0,
         "train_time_s": 40.0, "wall_time_s": 50.0 * train_fraction * 10,
+        "budget_steps": 100, "n_evals": 10, "stopped_early": False, "improving_at_end": False,
+        "precision": "32-true", "hardware": "cpu: 2 cores, no native bf16",
         "versions": {"python": "3.11.7", "torch": "2.14.1"}, "git_commit": "abc123",
         "hostname": "box", "started_at": "2026-11-26T22:00:00+00:00", "finished_at": "2026-11-26T22:03:51+00:00",
     }
@@ -79,6 +82,34 @@ def write_result(runs_dir: Path, record: dict[str, Any] | str, run_id: str | Non
     path = Path(runs_dir) / SWEEP / run_id / "result.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(record if isinstance(record, str) else json.dumps(record, indent=1))
+    return path
+
+
+def write_predictions(runs_dir: Path, record: dict[str, Any], target: np.ndarray, pred: np.ndarray) -> Path:
+    """Write the run's `predictions.npz` (test targets and predictions) and name it in `record`.
+
+    `record`'s test/acc1 and n_test are set to match the predictions.
+    """
+    path = Path(runs_dir) / SWEEP / record["run_id"] / "predictions.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    target, pred = np.asarray(target, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    np.savez(path, test_target=target, test_pred=pred, val_target=target[:4],
+             val_logits=np.zeros((4, 10), dtype=np.float16))
+    record.update(predictions=path.name, n_test=int(target.size))
+    record["metrics"]["test/acc1"] = float(np.mean(target == pred))
+    return path
+
+
+def write_plan(runs_dir: Path, records: list[dict[str, Any]], swept: tuple[str, ...] = ("model", "train_fraction")
+               ) -> Path:
+    """Write `runs_dir/SWEEP/sweep.json` expecting the runs of `records` (as the sweep runner does at its start)."""
+    keys = ("run_id", "role", "model", "arch", "dataset", "train_fraction", "pretraining", "pretrain_size", "seed")
+    runs = [{**{k: r[k] for k in keys}, "upstream": r["pretrained_from"], **{k: r["spec"].get(k) for k in swept}}
+            for r in records]
+    path = Path(runs_dir) / SWEEP / "sweep.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": SWEEP, "file": f"experiments/sweeps/{SWEEP}.yaml", "swept": list(swept),
+                                "runs": runs}, indent=1))
     return path
 
 

@@ -18,7 +18,7 @@ from common import schema
 def test_one_row_per_run_with_flattened_sections(tmp_path):
     runs = runs_of(tmp_path, small_sweep())
     assert len(runs) == len(small_sweep())
-    assert list(runs.columns[: len(schema.FIELDS) + 1]) == [*schema.FIELDS, "path"]
+    assert list(runs.columns[: len(schema.FIELDS) + 2]) == [*schema.FIELDS, "path", "predictions_path"]
     for col in ("test/acc1", "test/acc5", "selected/val/acc1", "selected/step", "architecture/patch_size",
                 "architecture/timm_name", "versions/python", "spec/lr", "spec/role"):
         assert col in runs.columns
@@ -30,7 +30,7 @@ def test_one_row_per_run_with_flattened_sections(tmp_path):
 
 def test_sections_follow_the_schema_order(tmp_path):
     runs = runs_of(tmp_path, [{**make_result(), "run_note": "unknown to the schema"}])
-    rest = list(runs.columns[len(schema.FIELDS) + 1:])
+    rest = list(runs.columns[len(schema.FIELDS) + 2:])
     assert rest[0] == "run_note"  # an unknown top-level scalar: kept, before the sections
     first_column = {"selected": "selected/epoch", "metrics": "test/acc1", "architecture": "architecture/drop_path_rate",
                     "versions": "versions/python", "spec": "spec/batch_size"}
@@ -181,3 +181,44 @@ def test_from_wandb_reads_result_dicts_and_config_summary(caplog):
     assert frame.loc[full["run_id"], "test/acc1"] == 0.8
     assert collection.skipped == (("wandb:me/proj/c_running", "status='running' is not one of completed, "
                                    "failed, diverged"),)
+
+
+def test_predictions_path_is_absolute_and_left_out_of_runs_csv(tmp_path):
+    from analysis_fixtures import write_predictions
+    record = make_result()
+    write_predictions(tmp_path / "runs", record, [1, 2, 3], [1, 2, 0])
+    write_runs(tmp_path / "runs", [record, make_result(seed=1)])
+    runs = collect.collect(tmp_path / "runs", SWEEP).runs.set_index("seed")
+    assert runs.loc[0, "predictions_path"] == str((tmp_path / "runs" / SWEEP / record["run_id"] /
+                                                   "predictions.npz").resolve())
+    assert runs.loc[1, "predictions_path"] is None  # its result names no predictions file
+    csv = collect.save_runs(runs.reset_index(), tmp_path / "results", SWEEP).read_text()
+    assert "predictions_path" not in csv and ",predictions.npz," in csv
+
+
+def test_sweep_plan_and_the_state_of_each_expected_run(tmp_path):
+    from analysis_fixtures import write_plan
+    records = [make_result("resnet50", 0.1, s) for s in (0, 1, 2)]
+    records[1] = make_result("resnet50", 0.1, 1, None, status="failed")
+    write_plan(tmp_path, records + [make_result("vit_tiny_p8", 0.1, 0, pretraining="none")])
+    write_runs(tmp_path, records[:2])
+    collection = collect.collect(tmp_path, SWEEP)
+    plan = collection.plan
+    assert (plan.name, plan.file, plan.swept) == (SWEEP, f"experiments/sweeps/{SWEEP}.yaml",
+                                                  ("model", "train_fraction"))
+    assert str(plan.runs["seed"].dtype) == "Int64" and plan.runs["pretrain_size"].isna().all()
+    state = collect.plan_status(plan, collection.runs)
+    assert list(zip(state["model"], state["seed"], state["state"])) == [
+        ("resnet50", 0, "completed"), ("resnet50", 1, "failed"), ("resnet50", 2, "missing"),
+        ("vit_tiny_p8", 0, "missing")]
+
+
+@pytest.mark.parametrize("content, reason", [(None, "sweep.json not found: the expected runs are unknown"),
+                                             ("{oops", "sweep.json unreadable"),
+                                             ('{"runs": [{"run_id": "x"}]}', "runs[0] lacks 'role'")])
+def test_a_missing_or_malformed_plan_leaves_the_expected_runs_unknown(tmp_path, content, reason):
+    write_runs(tmp_path, [make_result()])
+    if content is not None:
+        (tmp_path / SWEEP / "sweep.json").write_text(content)
+    collection = collect.collect(tmp_path, SWEEP)
+    assert collection.plan is None and reason in collection.plan_note and len(collection.runs) == 1

@@ -106,3 +106,32 @@ def test_save_figure_is_byte_reproducible(tmp_path):
     assert [p.name for p in first] == ["fig.png", "fig.pdf"]
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
     assert first[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and first[1].read_bytes()[:5] == b"%PDF-"
+
+
+def lines_labelled(ax, label: str) -> list:
+    return [line for line in ax.get_lines() if line.get_label() == label]
+
+
+def legend_texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.legends[0].get_texts()]
+
+
+def test_flagged_cells_have_hollow_markers_and_a_legend_key(tmp_path):
+    records = power_law_sweep()
+    for r in records:
+        r["improving_at_end"] = r["model"] == "resnet50" and r["train_fraction"] == 1.0
+    fig = plots.plot_data_efficiency(runs_of(tmp_path, records))
+    (hollow,) = lines_labelled(fig.axes[0], plots.FLAGGED)
+    assert list(hollow.get_xdata()) == [54_000] and hollow.get_markerfacecolor() == "white"
+    assert plots.KEYS[plots.FLAGGED].get_label() in legend_texts(fig)
+
+
+def test_identified_fits_are_drawn_over_their_fitted_range_only(tmp_path):
+    fig = plots.plot_data_efficiency(runs_of(tmp_path / "five", power_law_sweep()))
+    fits = lines_labelled(fig.axes[0], plots.FIT)
+    assert len(fits) == 2 and all((min(f.get_xdata()), max(f.get_xdata())) == pytest.approx((540, 54_000))
+                                  for f in fits)
+    assert plots.KEYS[plots.FIT].get_label() in legend_texts(fig)
+    fig = plots.plot_data_efficiency(runs_of(tmp_path / "three", power_law_sweep(fractions=(0.01, 0.1, 1.0))))
+    assert not lines_labelled(fig.axes[0], plots.FIT)  # 3 sizes: no fit is identified, none is drawn
+    assert not lines_labelled(fig.axes[0], plots.FLAGGED)
