@@ -220,7 +220,7 @@ class CellRuns:
         """The model's runs with a finite `column`, by seed."""
         runs = self.runs[self.runs["model"] == model]
         if column not in runs:
-            return runs.iloc[0:0]
+            return runs.iloc[0:0].assign(**{column: pd.Series(dtype=float)})
         return runs[np.isfinite(runs[column].astype(float))].sort_values("seed", kind="mergesort")
 
     @property

@@ -126,24 +126,32 @@ VIT_BASE = {"img_size": IMAGE_SIDE, "embed_dim": 64, "depth": 4, "num_heads": 2}
 
 
 def variant_run(runs_dir: Path | None, pos_embed: str = "learn", pool: str = "token", patch_size: int = PATCH,
-                seed: int = 0, acc: float = 0.8, shuffle_acc: float | None = None, clean_subset: float | None = None,
+                seed: int = 0, acc: float = 0.8, metrics: dict[str, float] | None = None,
                 class_token: bool | None = None, fraction: float = FRACTION, model: str = "vit_tiny_p8",
                 files: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
-    """A ViT run of one architecture variant (written when `runs_dir` is given); metrics as given."""
+    """A ViT run of one architecture variant (written with `files` when `runs_dir` is given)."""
     class_token = pool == "token" if class_token is None else class_token
     architecture = {**VIT_BASE, "patch_size": patch_size, "pos_embed": pos_embed, "pool": pool,
                     "class_token": class_token}
-    metrics = {}
-    if shuffle_acc is not None:
-        metrics["shuffle/acc1"] = shuffle_acc
-    if clean_subset is not None:
-        metrics["occlusion/0/acc1"] = clean_subset
     record = make_result(model, fraction, seed, acc, metrics=metrics, architecture=architecture)
     record["spec"].update(pos_embed=pos_embed, pool=pool, patch_size=patch_size, class_token=class_token)
     record["run_id"] = hashlib.sha256(json.dumps(record["spec"], sort_keys=True).encode()).hexdigest()[:12]
     if runs_dir is not None:
         write_files(runs_dir, record, **(files or {}))
     return record
+
+
+def variant_run_with_files(runs_dir: Path, pos_embed: str = "learn", pool: str = "token", patch_size: int = PATCH,
+                           seed: int = 0, skill: float = 0.8, shuffle_invariant: bool = False) -> dict[str, Any]:
+    """A variant's run with predictions.npz and robustness.npz, its metrics computed from them;
+    `shuffle_invariant`: shuffling changes no image's correctness."""
+    key = (pos_embed, pool, patch_size, seed)
+    rob, pred = robustness_arrays(skill, key), predictions_arrays(skill, 3.0, key)
+    if shuffle_invariant:
+        rob["shuffle_correct"] = rob["occlusion_correct"][0].copy()
+    metrics = metrics_from(rob, pred)
+    return variant_run(runs_dir, pos_embed, pool, patch_size, seed, metrics["test/acc1"], metrics,
+                       files={"robustness": rob, "predictions": pred})
 
 
 # ----------------------------------------------------------------- explain
