@@ -12,6 +12,9 @@ an `Estimate`:
   accuracies, a corruption-error ratio, ECE, NLL, a paired difference). It
   says how much the number would move with other test images of the same
   distribution, not with another seed, and is labelled "test-sampling only".
+  Its point estimate is the statistic on those arrays: the recorded metric
+  for an accuracy; for ECE and NLL, recomputed from the float16 logits, it
+  can differ from the recorded value in the last digits.
 
 Kept here, apart from `analysis.stats`, for the robustness, ablation and
 interpretability outputs; to be unified with `stats`' Student-t intervals.

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
 from analysis import estimates, plots, stats
 from analysis.ablations import Variant, variant_of
@@ -162,7 +163,7 @@ def _draw_distance_panel(ax: Axes, cell: ExplainedCell, vit: Net | None, colors:
         grid, patch = _vit_geometry(vit)
         ax.axhline(uniform_attention_distance(grid, patch), color="0.5", linestyle=":", linewidth=0.8,
                    label="uniform attention (global)")
-        erf_depth, erf, n = erf_profile(vit)
+        erf_depth, erf, _ = erf_profile(vit)
         ax.plot(erf_depth, erf, color=color, linestyle="--", marker="s", label=f"{vit.model}: gradient ERF")
         counts.append(f"{vit.model} {vit.n}")
     for cnn in cell.of("cnn"):
@@ -248,7 +249,7 @@ def _display_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
     return shown, ("gray" if shown.ndim == 2 else None)
 
 
-def _overlay(ax: Axes, image: np.ndarray, heat: np.ndarray) -> mpl.image.AxesImage:
+def _overlay(ax: Axes, image: np.ndarray, heat: np.ndarray) -> AxesImage:
     """The image in gray, the (h, w) map stretched over it, scaled to [0, 1] per image."""
     height, width = image.shape[-2:]
     gray = _display_image(image.mean(axis=0, keepdims=True))[0]

@@ -263,7 +263,9 @@ class CellRuns:
         def statistic(idx: np.ndarray) -> float:
             ref = ref_errors[:, idx].sum(axis=1)  # (C,)
             usable = ref > 0
-            return 100.0 * float(np.mean(errors[usable][:, idx].sum(axis=1) / ref[usable])) if usable.any() else math.nan
+            if not usable.any():
+                return math.nan
+            return 100.0 * float(np.mean(errors[usable][:, idx].sum(axis=1) / ref[usable]))
 
         return ImageSample(_subset_images(rob), rob["subset"].size, statistic)
 
@@ -402,8 +404,9 @@ def paired_difference(cell: CellRuns, first: str, second: str, measure: Measure)
 
 
 # --------------------------------------------------------------- tables
-def _cells_text(measures: list[Measure], cells: list[CellRuns]) -> tuple[list[list[Cell]], bool]:
-    """Rows of (dataset,) pretraining, fraction, model, n, then one cell per measure; and whether any is † ."""
+def _cells_text(measures: list[Measure], cells: list[CellRuns]) -> tuple[list[list[Cell]], bool, bool]:
+    """Rows of (dataset,) pretraining, fraction, model, n, then one cell per measure; whether there are
+    several datasets; whether any cell has a test-sampling interval."""
     multi = len({c.keys["dataset"] for c in cells}) > 1
     rows, marked = [], False
     for cell in cells:
@@ -421,13 +424,20 @@ def _cells_text(measures: list[Measure], cells: list[CellRuns]) -> tuple[list[li
                 marked |= found.test_sampling
                 row.append(Cell(text))
             rows.append(row)
-    return rows, multi
+    return rows, multi, marked
 
 
 def _choice_text(fraction: float | None) -> str:
     if fraction is None:
         return "at the largest training fraction of each dataset and pretraining that has these metrics"
     return f"at training fraction {100 * fraction:g}%"
+
+
+def _grid_text(runs: pd.DataFrame) -> str:
+    """"15 corruptions × 5 severities": what the sweep's corruption columns cover."""
+    columns = corruption_columns(runs).values()
+    return (f"{len({name for name, _ in columns})} corruptions × {len({s for _, s in columns})} severities "
+            "(ImageNet-C's)")
 
 
 def _subset_note(cells: list[CellRuns]) -> list[str]:
@@ -458,13 +468,13 @@ def robustness_table(runs: pd.DataFrame, runs_dir: Path | str, fraction: float |
     cells = chosen_cells(runs, runs_dir, [m.column for m in robust], fraction, reference)
     if not robust or not cells:
         raise NoData("no completed run has corrupt/*, occlusion/* or shuffle/acc1 metrics")
-    rows, multi = _cells_text(measures, cells)
+    rows, multi, marked = _cells_text(measures, cells)
     header = ["Dataset"] * multi + ["Pretraining", "Train fraction (images)", "Model", "n"]
     header += [m.title for m in measures]
     refs = sorted({c.reference for c in cells if c.reference})
     occlusion = nearest_occlusion(runs)
     caption = (f"Robustness {_choice_text(fraction)}. Cells: mean [95% interval], Student-t over seeds when n ≥ 2. "
-               "Mean corruption accuracy averages 15 ImageNet-C corruptions × 5 severities (CIFAR-10-C strengths). "
+               f"Clean: accuracy on the whole test set. Mean corruption accuracy averages {_grid_text(runs)}. "
                f"Relative corruption error: CE_c = Σ_s E_s,c(model) / Σ_s E_s,c({' / '.join(refs) or 'no CNN'}, "
                "errors averaged over its seeds, same cell), averaged over corruptions, in % (the reference scores "
                "100; lower is better; the AlexNet normaliser of ImageNet-C does not exist for other datasets).")
@@ -476,7 +486,7 @@ def robustness_table(runs: pd.DataFrame, runs_dir: Path | str, fraction: float |
     if any(m.column == SHUFFLE for m in measures):
         caption += " Patch shuffle: the image's grid cells permuted, the same permutation for every net."
     notes = _subset_note(cells)
-    notes += [estimates.TEST_SAMPLING_NOTE] if any(estimates.TEST_SAMPLING_MARK in c.text for r in rows for c in r) else []
+    notes += [estimates.TEST_SAMPLING_NOTE] * marked
     return Table("table_r1_robustness", "Table R1. Robustness", caption, header, rows, n_keys=3 + multi, notes=notes)
 
 
@@ -489,14 +499,14 @@ def calibration_table(runs: pd.DataFrame, runs_dir: Path | str, fraction: float 
     cells = chosen_cells(runs, runs_dir, ["test/ece", "test/ece_ts"], fraction)
     if not cells:
         raise NoData("no completed run has calibration metrics (test/ece, test/ece_ts)")
-    rows, multi = _cells_text(CALIBRATION_MEASURES, cells)
+    rows, multi, marked = _cells_text(CALIBRATION_MEASURES, cells)
     header = ["Dataset"] * multi + ["Pretraining", "Train fraction (images)", "Model", "n"]
     header += [m.title for m in CALIBRATION_MEASURES]
     caption = (f"Calibration on the test set {_choice_text(fraction)}. Cells: mean [95% interval], Student-t over "
                f"seeds when n ≥ 2. ECE: top-1, {ECE_BINS} equal-width bins, L1 (torchmetrics' binning); NLL in nats. "
                "TS: temperature scaling, T fitted on the validation split's NLL (no test-sampling interval: T is "
                "not a test statistic). Lower is better for ECE and NLL; T > 1 means the raw net was overconfident.")
-    notes = [estimates.TEST_SAMPLING_NOTE] if any(estimates.TEST_SAMPLING_MARK in c.text for r in rows for c in r) else []
+    notes = [estimates.TEST_SAMPLING_NOTE] * marked
     return Table("table_r2_calibration", "Table R2. Calibration", caption, header, rows, n_keys=3 + multi, notes=notes)
 
 

@@ -96,6 +96,7 @@ class RunArrays:
         return self._read[key]
 
 
-def bind_runs_dir(makers: dict[str, Callable[..., Made]], runs_dir: Path | str) -> dict[str, Callable[[pd.DataFrame], Made]]:
+def bind_runs_dir(makers: dict[str, Callable[..., Made]],
+                  runs_dir: Path | str) -> dict[str, Callable[[pd.DataFrame], Made]]:
     """{name: f(runs, runs_dir)} -> {name: f(runs)}, the form `analysis.outputs.write_outputs` takes."""
     return {name: functools.partial(make, runs_dir=Path(runs_dir)) for name, make in makers.items()}

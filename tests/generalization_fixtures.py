@@ -155,7 +155,7 @@ def variant_run_with_files(runs_dir: Path, pos_embed: str = "learn", pool: str =
 
 
 # ----------------------------------------------------------------- explain
-N_EXPLAIN = 3
+N_EXPLAIN = 2
 
 
 def explain_images(seed: int = 0) -> np.ndarray:

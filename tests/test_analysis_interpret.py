@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from analysis_fixtures import SWEEP, make_result, runs_of
-from generalization_fixtures import IMAGE_SIDE, PATCH, explain_arrays, explain_images, explained_run
+from generalization_fixtures import IMAGE_SIDE, N_EXPLAIN, PATCH, explain_arrays, explain_images, explained_run
 from matplotlib.collections import PathCollection
 
 from analysis import collect, interpret_figures, plots
@@ -53,7 +53,7 @@ def test_maps_show_the_same_images_side_by_side(tmp_path):
     runs = explained_sweep(tmp_path)
     fig = interpret_figures.plot_attention_maps(runs, tmp_path)
     axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    assert len(axes) == 3 * 4  # the fixture's 3 images x (input, rollout, ViT Grad-CAM, CNN Grad-CAM)
+    assert len(axes) == N_EXPLAIN * 4  # images x (input, rollout, ViT Grad-CAM, CNN Grad-CAM)
     assert [ax.get_title() for ax in axes[:4]] == [
         "input", "vit_tiny_p8\nattention rollout", "vit_tiny_p8\nGrad-CAM (encoder.blocks[-1].norm1)",
         "resnet50\nGrad-CAM (layer2[-1])"]
@@ -89,7 +89,7 @@ def test_no_explain_file_means_no_figure(tmp_path):
 
 
 def test_figures_are_byte_identical_when_made_twice(tmp_path):
-    runs = explained_sweep(tmp_path / "runs")
+    runs = explained_sweep(tmp_path / "runs", seeds=(0,))
     makers = interpret_figures.figure_makers(tmp_path / "runs")
     first, skipped = write_outputs(makers, runs, tmp_path / "a", (".png", ".pdf"), plots.save_figure, "figure")
     second, _ = write_outputs(makers, runs, tmp_path / "b", (".png", ".pdf"), plots.save_figure, "figure")

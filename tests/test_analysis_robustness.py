@@ -162,10 +162,8 @@ def test_calibration_table_and_reliability_legend_agree_with_the_runs(tmp_path):
 
 # ----------------------------------------------------------------- figures
 def test_figures_from_the_arrays_are_byte_identical_when_made_twice(tmp_path):
-    for seed in (0, 1):
-        robust_run(tmp_path / "runs", "resnet50", seed, 0.8)
-        robust_run(tmp_path / "runs", "vit_tiny_p8", seed, 0.7)
-    robust_run(tmp_path / "runs", "resnet50", 0, 0.8, pretraining="fractaldb", pretrain_size=1000)
+    robust_run(tmp_path / "runs", "resnet50", 0, 0.8)
+    robust_run(tmp_path / "runs", "vit_tiny_p8", 0, 0.7)
     runs = collected(tmp_path / "runs")
     makers = robustness_report.figure_makers(tmp_path / "runs")
     first, skipped = write_outputs(makers, runs, tmp_path / "a", (".png", ".pdf"), plots.save_figure, "figure")
@@ -173,12 +171,26 @@ def test_figures_from_the_arrays_are_byte_identical_when_made_twice(tmp_path):
     assert not skipped and list(first) == list(robustness_report.FIGURES)
     for name in first:
         assert [p.read_bytes() for p in first[name]] == [p.read_bytes() for p in second[name]]
-    severity = robustness_report.plot_corruption_severity(runs, tmp_path / "runs")
-    scratch, fractal = severity.axes[:2]
+
+
+def test_severity_and_occlusion_curves_have_bands_over_seeds_or_test_images(tmp_path):
+    for seed in (0, 1):
+        robust_run(tmp_path, "resnet50", seed, 0.8)
+        robust_run(tmp_path, "vit_tiny_p8", seed, 0.7)
+    robust_run(tmp_path, "resnet50", 0, 0.8, pretraining="fractaldb", pretrain_size=1000)
+    robust_run(tmp_path, "vit_tiny_p8", 0, 0.7, pretraining="fractaldb", pretrain_size=1000, with_files=False)
+    runs = collected(tmp_path)
+    scratch, fractal = robustness_report.plot_corruption_severity(runs, tmp_path).axes
     assert [line.get_label() for line in scratch.get_lines()] == ["resnet50", "vit_tiny_p8"]
     assert list(scratch.get_lines()[0].get_xdata()) == [0, 1, 2, 3, 4, 5]
-    assert len(scratch.collections) == 2 and len(fractal.collections) == 1  # bands at n = 2 and (test sampling) n = 1
-    occlusion = robustness_report.plot_occlusion(runs, tmp_path / "runs")
+    # n = 2: both lines have t bands; n = 1: only the run with robustness.npz has a (test-sampling) band
+    assert len(scratch.collections) == 2 and len(fractal.collections) == 1
+    assert "test sampling only" in fractal.texts[0].get_text()
+    vit = [r for _, r in runs.iterrows() if r["model"] == "vit_tiny_p8" and r["pretraining"] == "none"]
+    means = [np.mean([r[f"corrupt/{c}/{s}/acc1"] for r in vit for c in CORRUPTIONS]) for s in SEVERITIES]
+    clean = np.mean([r["test/acc1"] for r in vit])
+    assert list(scratch.get_lines()[1].get_ydata()) == pytest.approx(100 * np.array([clean, *means]))
+    occlusion = robustness_report.plot_occlusion(runs, tmp_path)
     assert list(occlusion.axes[0].get_lines()[0].get_xdata()) == [0, 10, 20, 30, 40, 50, 60, 70, 80]
 
 
