@@ -105,3 +105,26 @@ def test_findings_state_a_direction_only_with_an_interval(tmp_path):
     single = interpret_figures.interpret_findings(explained_sweep(tmp_path / "one", (0,)), tmp_path / "one")
     assert all("n=1 seed, no interval" in s for s in single)
     assert not any("farther" in s or "wider" in s for s in single)
+
+
+def test_the_figures_read_what_explain_batch_writes(tmp_path):
+    """The producer's own arrays (a tiny ViT and ResNet18 on the same images) go through both figures."""
+    torch = pytest.importorskip("torch")
+    timm = pytest.importorskip("timm")
+    from lightning_modules.interpret import explain_batch
+    from lightning_modules.vit import VisionTransformer
+    from lightning_modules.vit_config import ViTConfig
+
+    torch.manual_seed(0)
+    nets = {"vit_tiny_p8": VisionTransformer(ViTConfig(img_size=32, patch_size=4, in_chans=1, num_classes=10,
+                                                       embed_dim=32, depth=2, num_heads=2)),
+            "resnet18": timm.create_model("resnet18", num_classes=10, in_chans=1, zero_init_last=False)}
+    images = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    for model, net in nets.items():
+        explained_run(tmp_path, model, 0, explain=explain_batch(net, images))
+    runs = collect.collect(tmp_path, SWEEP).runs
+    (ax,) = interpret_figures.plot_layer_distance(runs, tmp_path).axes
+    assert set(lines_by_label(ax)) >= {"vit_tiny_p8: attention distance, mean over heads", "vit_tiny_p8: gradient ERF",
+                                       "resnet18: gradient ERF"}
+    fig = interpret_figures.plot_attention_maps(runs, tmp_path)
+    assert "resnet18\nGrad-CAM (layer2[-1])" in [ax.get_title() for ax in fig.axes]
