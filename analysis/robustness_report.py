@@ -52,7 +52,7 @@ OCCLUSION_TARGET = 50.0  # percent of the image occluded in the table
 ECE_BINS = 15
 CLEAN = stats.METRIC
 MEAN_CORRUPTION = "corrupt/mean_acc1"
-RELATIVE_CE = "corrupt/relative_ce"  # added per run by `with_relative_corruption_error`, in %
+RELATIVE_CE = "corrupt/relative_ce"  # added per run by `with_derived_columns`, in %
 SHUFFLE = "shuffle/acc1"
 TEMPERATURE = "calib/temperature"
 
