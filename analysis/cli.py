@@ -28,20 +28,25 @@ def _collect(args: argparse.Namespace, collection: Collection) -> str:
     return f"{len(collection.runs)} runs -> {path} ({len(collection.skipped)} files skipped)"
 
 
+def _files_dir(args: argparse.Namespace) -> Path | None:
+    """Where the runs' own files (predictions, robustness, explain) are: the runs folder, unless read from W&B."""
+    return None if args.from_wandb else Path(args.runs_dir)
+
+
 def _tables(args: argparse.Namespace, collection: Collection) -> str:
     out_dir = Path(args.results_dir) / args.sweep / tables.FOLDER
-    built, skipped = tables.write_tables(collection.runs, out_dir, collection.expected_runs)
+    built, skipped = report.write_all_tables(collection, out_dir, _files_dir(args))
     return f"{len(built)} tables -> {out_dir} ({len(skipped)} skipped: {', '.join(skipped) or 'none'})"
 
 
 def _plots(args: argparse.Namespace, collection: Collection) -> str:
     out_dir = Path(args.results_dir) / args.sweep / plots.FOLDER
-    written, skipped = plots.write_figures(collection.runs, out_dir)
+    written, skipped = report.write_all_figures(collection, out_dir, _files_dir(args))
     return f"{len(written)} figures -> {out_dir} ({len(skipped)} skipped: {', '.join(skipped) or 'none'})"
 
 
 def _report(args: argparse.Namespace, collection: Collection) -> str:
-    path = report.make_report(collection, args.sweep, args.results_dir, args.wandb)
+    path = report.make_report(collection, args.sweep, args.results_dir, args.wandb, _files_dir(args))
     return f"report -> {path}"
 
 

@@ -16,6 +16,10 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
+# The CNN every other net is measured against where a reference is needed (relative corruption error, the
+# Grad-CAM comparison): the question's own baseline.
+REFERENCE_CNN = "resnet50"
+
 
 class NoData(ValueError):
     """Nothing to show; str() says why (the table or figure is skipped)."""

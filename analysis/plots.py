@@ -191,51 +191,20 @@ def plot_pretraining_scale(runs: pd.DataFrame, metric: str = stats.METRIC) -> Fi
         return _finish(fig)
 
 
-def _severity_summary(runs: pd.DataFrame, columns: dict[str, tuple[str, int]], metric: str) -> pd.DataFrame:
-    """Per cell at the largest fraction of each dataset: accuracy at each severity (0 = clean)."""
-    runs = runs.copy()
-    severities = sorted({sev for _, sev in columns.values()})
-    runs["severity/0"] = runs[metric]
-    for sev in severities:
-        runs[f"severity/{sev}"] = runs[[c for c, (_, s) in columns.items() if s == sev]].astype(float).mean(axis=1)
-    largest = runs.groupby("dataset")["train_fraction"].transform("max")
-    runs = runs[runs["train_fraction"] == largest]
-    parts = [stats.summarize(runs, f"severity/{sev}").assign(severity=sev) for sev in [0, *severities]]
-    return pd.concat(parts, ignore_index=True)
-
-
 def plot_generalization(runs: pd.DataFrame, metric: str = stats.METRIC) -> Figure:
-    """Fig. 4: accuracy vs corruption severity, and the train-test gap vs training images.
-
-    Left (when the runs carry `corrupt/<name>/<severity>/acc1`): accuracy
-    averaged over corruptions at each severity, 0 = clean, at the largest
-    training fraction. Right (when they carry `train/acc1`): train − test
-    accuracy in points against training images (log x). One row per dataset.
-    """
-    runs = stats.with_generalization(runs)
-    columns = stats.corruption_columns(runs)
-    kinds = []
-    if columns and stats.usable(runs, "corrupt/mean_acc1").shape[0]:
-        kinds.append("severity")
-    if "train_test_gap" in runs and stats.usable(runs, "train_test_gap").shape[0]:
-        kinds.append("gap")
-    if not kinds:
-        raise NoData("runs carry neither corrupt/<name>/<severity>/acc1 nor train/acc1")
+    """Fig. 4: the generalization gap (train − test accuracy, in points) against training images, log x, one
+    panel per dataset (robustness and calibration figures: `analysis.robustness_report`)."""
+    runs = stats.with_train_test_gap(runs)
+    if "train_test_gap" not in runs or not stats.usable(runs, "train_test_gap").shape[0]:
+        raise NoData("runs carry no train/acc1")
     styler = _Styler(stats.targets(runs))
-    severity = _severity_summary(runs, columns, metric) if "severity" in kinds else None
-    gap = stats.summarize(runs, "train_test_gap") if "gap" in kinds else None
+    gap = stats.summarize(runs, "train_test_gap")
     datasets = sorted(stats.usable(runs, metric)["dataset"].unique())
     with mpl.rc_context(STYLE):
-        fig, axes = _figure(len(datasets), len(kinds))
-        for row, dataset in zip(axes, datasets):
-            for ax, kind in zip(row, kinds):
-                if kind == "severity":
-                    _curves(ax, severity[severity["dataset"] == dataset], "severity", styler)
-                    ax.set(xlabel="corruption severity (0 = clean)", ylabel=ACC_LABEL, title=dataset,
-                           xticks=sorted(severity["severity"].unique()))
-                else:
-                    _curves(ax, gap[gap["dataset"] == dataset], "n_images", styler)
-                    ax.set(xscale="log", xlabel=IMAGES_LABEL, ylabel="train − test accuracy (points)", title=dataset)
+        fig, axes = _figure(1, len(datasets))
+        for ax, dataset in zip(axes.flat, datasets):
+            _curves(ax, gap[gap["dataset"] == dataset], "n_images", styler)
+            ax.set(xscale="log", xlabel=IMAGES_LABEL, ylabel="train − test accuracy (points)", title=dataset)
         return _finish(fig)
 
 
@@ -280,7 +249,7 @@ FIGURES: dict[str, FigureMaker] = {
                                            plot_pretraining_effect),
     "fig3_pretraining_scale": FigureMaker("Figure 3. Pretraining scale: accuracy vs pretraining-set size",
                                           plot_pretraining_scale),
-    "fig4_generalization": FigureMaker("Figure 4. Generalization: corruption severity and train-test gap",
+    "fig4_generalization": FigureMaker("Figure 4. Generalization gap: train − test accuracy vs training images",
                                        plot_generalization),
     "fig5_cost": FigureMaker("Figure 5. Cost: accuracy vs training FLOPs and wall time", plot_cost),
 }

@@ -14,6 +14,7 @@ Figures.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterable
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import collect, plots, stats, tables
+from analysis import ablations, collect, interpret_figures, plots, robustness_report, stats, tables
 from analysis.collect import Collection
-from analysis.outputs import condition_key, condition_label, conditions_in_order, fraction_label, models_in_order
+from analysis.outputs import (condition_key, condition_label, conditions_in_order, fraction_label, models_in_order,
+                              write_outputs)
 from analysis.tables import Table
 from common import files
 from common.schema import PLACEMENT_FIELDS
@@ -537,8 +539,11 @@ def caveat_findings(runs: pd.DataFrame, summary: pd.DataFrame, fits: pd.DataFram
                "their cells pool over those runs.")
 
 
-def findings_section(runs: pd.DataFrame, expected: pd.DataFrame | None = None) -> list[str]:
-    """Markdown lines: for each size, who is ahead with its n and interval; pretraining; upstream; fits; caveats."""
+def findings_section(runs: pd.DataFrame, expected: pd.DataFrame | None = None,
+                     runs_dir: Path | None = None) -> list[str]:
+    """Markdown lines: for each size, who is ahead with its n and interval; pretraining; upstream; fits;
+    robustness, calibration, ablations and interpretability (from the runs' files, when `runs_dir` has them);
+    caveats."""
     diffs = stats.arch_differences(runs)
     gains = stats.pretraining_gains(runs)
     fits = stats.power_law_fits(runs)
@@ -556,6 +561,13 @@ def findings_section(runs: pd.DataFrame, expected: pd.DataFrame | None = None) -
     if len(fits):
         lines += ["", "### Power-law fits and crossover", ""]
         lines += [f"- {s}" for s in fit_findings(fits)] + [f"- {s}" for s in crossover_findings(cross, diffs, fits)]
+    if runs_dir is not None:
+        for title, findings in (("Robustness and calibration", robustness_report.robustness_findings),
+                                ("Ablations of the ViT's steps", ablations.ablation_findings),
+                                ("Where each net looks", interpret_figures.interpret_findings)):
+            found = findings(runs, runs_dir)
+            if found:
+                lines += ["", f"### {title}", ""] + [f"- {s}" for s in found]
     caveats = list(caveat_findings(runs, stats.summarize(runs), fits))
     if caveats:
         lines += ["", "### Caveats", ""] + [f"- {s}" for s in caveats]
@@ -563,14 +575,23 @@ def findings_section(runs: pd.DataFrame, expected: pd.DataFrame | None = None) -
 
 
 # --------------------------------------------------------------- report
+def figure_title(name: str) -> tuple[str, str]:
+    """A figure's title and caption, from the module that draws it."""
+    for registry in (plots.FIGURES, robustness_report.FIGURES, interpret_figures.FIGURES):
+        if name in registry:
+            return registry[name].title, getattr(registry[name], "caption", "")
+    raise KeyError(name)
+
+
 def build_report(collection: Collection, sweep: str, built: list[Table], table_skips: dict[str, str],
-                 figures: dict[str, list[Path]], figure_skips: dict[str, str]) -> str:
+                 figures: dict[str, list[Path]], figure_skips: dict[str, str],
+                 runs_dir: Path | None = None) -> str:
     """The whole report.md text."""
     lines = [f"# Sweep `{sweep}`: ViT vs CNN", ""]
     lines += setup_section(collection, sweep) + [""]
     lines += protocol_section(collection) + [""]
     lines += completeness_section(collection) + [""]
-    lines += findings_section(collection.runs, collection.expected_runs) + [""]
+    lines += findings_section(collection.runs, collection.expected_runs, runs_dir) + [""]
     lines += ["## Tables", ""]
     for table in built:
         link = f"{tables.FOLDER}/{table.name}"
@@ -579,8 +600,9 @@ def build_report(collection: Collection, sweep: str, built: list[Table], table_s
     lines += ["", "## Figures", ""]
     for name, paths in figures.items():
         png, pdf = (p.name for p in paths)
-        title = plots.FIGURES[name].title
-        lines += [f"![{title}]({plots.FOLDER}/{png})", "", f"*{title}* ([PDF]({plots.FOLDER}/{pdf}))", ""]
+        title, caption = figure_title(name)
+        lines += [f"![{title}]({plots.FOLDER}/{png})", "",
+                  f"*{title}*{' ' + caption if caption else ''} ([PDF]({plots.FOLDER}/{pdf}))", ""]
     lines += [f"- Figure `{name}` skipped: {reason}." for name, reason in figure_skips.items()]
     return "\n".join(lines).replace("\n\n\n", "\n\n").rstrip("\n") + "\n"
 
@@ -599,18 +621,49 @@ def log_to_wandb(mode: str, sweep: str, built: list[Table], figures: dict[str, l
 
 
 # --------------------------------------------------------------- driver
-def make_report(collection: Collection, sweep: str, results_dir: Path | str, wandb_mode: str = "off") -> Path:
+def write_all_tables(collection: Collection, out_dir: Path,
+                     runs_dir: Path | None) -> tuple[list[Table], dict[str, str]]:
+    """Every table with data: the comparison's (Tables 1-4) and, from the runs' files when `runs_dir` is given,
+    robustness, calibration and the ablations."""
+    built, skipped = tables.write_tables(collection.runs, out_dir, collection.expected_runs)
+    if runs_dir is not None:
+        makers = {**robustness_report.table_makers(runs_dir),
+                  "table_a1_ablations": functools.partial(ablations.ablation_table, runs_dir=runs_dir)}
+        made, more_skipped = write_outputs(makers, collection.runs, out_dir, (".md", ".tex"), tables.save_table,
+                                           "table")
+        built, skipped = [*built, *made.values()], {**skipped, **more_skipped}
+    return built, skipped
+
+
+def write_all_figures(collection: Collection, out_dir: Path,
+                      runs_dir: Path | None) -> tuple[dict[str, list[Path]], dict[str, str]]:
+    """Every figure with data: the comparison's (Figures 1-5) and, from the runs' files when `runs_dir` is
+    given, robustness, calibration and interpretability."""
+    figures, skipped = plots.write_figures(collection.runs, out_dir)
+    if runs_dir is not None:
+        makers = {**robustness_report.figure_makers(runs_dir), **interpret_figures.figure_makers(runs_dir)}
+        made, more_skipped = write_outputs(makers, collection.runs, out_dir, (".png", ".pdf"), plots.save_figure,
+                                           "figure")
+        figures, skipped = {**figures, **made}, {**skipped, **more_skipped}
+    return figures, skipped
+
+
+def make_report(collection: Collection, sweep: str, results_dir: Path | str, wandb_mode: str = "off",
+                runs_dir: Path | str | None = None) -> Path:
     """Write runs.csv, tables, figures and report.md for one sweep (and log them to W&B unless off).
+
+    `runs_dir` holds the runs' folders (their predictions, robustness and explain files feed the
+    generalization tables and figures); None when the runs came from W&B, which has no such files.
 
     Returns:
         The path of report.md.
     """
     out = Path(results_dir) / sweep
-    runs = collection.runs
-    collect.save_runs(runs, results_dir, sweep)
-    built, table_skips = tables.write_tables(runs, out / tables.FOLDER, collection.expected_runs)
-    figures, figure_skips = plots.write_figures(runs, out / plots.FOLDER)
-    text = build_report(collection, sweep, built, table_skips, figures, figure_skips)
+    collect.save_runs(collection.runs, results_dir, sweep)
+    files_dir = Path(runs_dir) if runs_dir is not None else None
+    built, table_skips = write_all_tables(collection, out / tables.FOLDER, files_dir)
+    figures, figure_skips = write_all_figures(collection, out / plots.FOLDER, files_dir)
+    text = build_report(collection, sweep, built, table_skips, figures, figure_skips, files_dir)
     path = files.write_text(out / "report.md", text)
     if wandb_mode != "off":
         log_to_wandb(wandb_mode, sweep, built, figures)

@@ -40,11 +40,11 @@ from scipy import special
 from analysis import estimates, plots, stats
 from analysis.estimates import Estimate, ImageSample
 from analysis.figure_kit import RunsDirFigure, cell_title, legend_below, model_colors, panels
-from analysis.outputs import NoData, condition_key, condition_label, fraction_label, models_in_order
+from analysis.outputs import (REFERENCE_CNN, NoData, condition_key, condition_label, fraction_label,
+                              models_in_order)
 from analysis.run_files import PREDICTIONS, ROBUSTNESS, RunArrays, bind_runs_dir
 from analysis.tables import Cell, Table
 
-REFERENCE_CNN = "resnet50"
 CELL_KEYS = ["dataset", "pretraining", "pretrain_size", "train_fraction"]
 CORRUPTION = re.compile(r"^corrupt/(?P<name>[^/]+)/(?P<severity>\d+)/acc1$")
 OCCLUSION = re.compile(r"^occlusion/(?P<pct>\d+(?:\.\d+)?)/acc1$")

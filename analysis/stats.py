@@ -28,7 +28,6 @@ Conventions:
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -54,8 +53,6 @@ STAT_COLUMNS = ["n_images", "mean", "std", "n", "ci_low", "ci_high", "interval",
 TEST_SAMPLING = "test-sampling uncertainty only (n=1 seed)"
 # Metrics that are a proportion of test images -> the column with the number of images.
 PROPORTIONS = {METRIC: "n_test"}
-CORRUPTION = re.compile(r"^corrupt/(?P<name>[^/]+)/(?P<severity>\d+)/acc1$")
-REFERENCE_CNN = "resnet50"  # the mCE baseline when present (ImageNet-C uses AlexNet)
 
 
 # --------------------------------------------------------------- selection
@@ -476,59 +473,13 @@ def upstream_summary(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------- generalization
-def corruption_columns(runs: pd.DataFrame) -> dict[str, tuple[str, int]]:
-    """`corrupt/<name>/<severity>/acc1` columns -> (name, severity), sorted."""
-    found = {c: CORRUPTION.match(c) for c in runs.columns}
-    return {c: (m["name"], int(m["severity"])) for c, m in sorted(found.items()) if m}
-
-
-def mce_reference(runs: pd.DataFrame, reference: str = REFERENCE_CNN) -> str | None:
-    """The mCE baseline: `reference` if it has runs, else the first CNN by name."""
-    cnns = sorted(set(targets(runs).loc[runs["arch"] == "cnn", "model"]))
-    return reference if reference in cnns else (cnns[0] if cnns else None)
-
-
-def _mce(runs: pd.DataFrame, columns: dict[str, tuple[str, int]], reference: str | None) -> pd.Series:
-    """Hendrycks & Dietterich mCE (%) of each run against the reference CNN.
-
-    CE_c = sum over severities of the run's error on corruption c, divided by
-    the same sum for the reference (its errors averaged over its seeds) in the
-    same dataset, pretraining and train_fraction; mCE = mean of CE_c over c.
-    """
-    errors = 1.0 - runs[list(columns)].astype(float)
-    names = sorted({name for name, _ in columns.values()})
-    mce = pd.Series(math.nan, index=runs.index)
-    ok = runs["status"] == "completed"
-    for _, group in runs[ok].groupby([*CONDITION, "train_fraction"], dropna=False):
-        ref = errors.loc[group.index[group["model"] == reference]].mean()
-        for idx in group.index:
-            ces = []
-            for name in names:
-                cols = [c for c, (n, _) in columns.items() if n == name]
-                both = errors.loc[idx, cols].notna() & ref[cols].notna()
-                if both.any() and ref[cols][both].sum() > 0:
-                    ces.append(errors.loc[idx, cols][both].sum() / ref[cols][both].sum())
-            mce[idx] = 100.0 * float(np.mean(ces)) if ces else math.nan
-    return mce
-
-
-def with_generalization(runs: pd.DataFrame, reference: str = REFERENCE_CNN) -> pd.DataFrame:
-    """Add per-run columns `corrupt/mean_acc1`, `corrupt/mce` and `train_test_gap` where computable.
-
-    `corrupt/mean_acc1` averages every corruption and severity;
-    `corrupt/mce` is in percent of the reference CNN (see `_mce`);
-    `train_test_gap` is train/acc1 - test/acc1.
-    """
+def with_train_test_gap(runs: pd.DataFrame) -> pd.DataFrame:
+    """Add the per-run column `train_test_gap` = train/acc1 − test/acc1 (on a fixed part of the training subset,
+    without augmentation) where both are recorded. Robustness and calibration: `analysis.robustness_report`."""
     out = runs.copy()
     if "train/acc1" in out and METRIC in out:
         out["train_test_gap"] = out["train/acc1"].astype(float) - out[METRIC].astype(float)
-    columns = corruption_columns(out)
-    if columns:
-        out["corrupt/mean_acc1"] = out[list(columns)].astype(float).mean(axis=1)
-        out["corrupt/mce"] = _mce(out, columns, mce_reference(out, reference))
     return out
-
-
 
 
 # --------------------------------------------------------------- power law

@@ -290,21 +290,20 @@ def pretraining_table(runs: pd.DataFrame, metric: str = stats.METRIC,
 
 # (column title, per-run column, scale)
 GENERALIZATION_COLUMNS = [
-    ("Clean acc. (%)", stats.METRIC, 100.0),
-    ("Mean corrupted acc. (%)", "corrupt/mean_acc1", 100.0),
-    ("mCE (%)", "corrupt/mce", 1.0),
-    ("ECE (%)", "test/ece", 100.0),
+    ("Test acc. (%)", stats.METRIC, 100.0),
+    ("Train acc. (%)", "train/acc1", 100.0),
     ("Train − test gap (points)", "train_test_gap", 100.0),
 ]
 
 
-def generalization_table(runs: pd.DataFrame, reference: str = stats.REFERENCE_CNN) -> Table:
-    """Table 3: clean and corrupted accuracy, mCE, ECE and train-test gap per cell.
+def generalization_table(runs: pd.DataFrame) -> Table:
+    """Table 3: the generalization gap per cell: test and train accuracy and their difference.
 
     Rows are (training fraction, pretraining, model); no cell is bold (these
     are levels, not paired differences). Metrics not recorded print "–".
+    Robustness and calibration have their own tables (`analysis.robustness_report`).
     """
-    runs = stats.with_generalization(runs, reference)
+    runs = stats.with_train_test_gap(runs)
     per_column = [stats.summarize(runs, col) for _, col, _ in GENERALIZATION_COLUMNS]
     clean = per_column[0]
     if not clean["n"].any():
@@ -324,13 +323,10 @@ def generalization_table(runs: pd.DataFrame, reference: str = stats.REFERENCE_CN
                     found = _lookup(frame, model=model, **cond)
                     row.append(legend.cell(found, scale=scale, empty=MISSING if column == stats.METRIC else DASH))
                 rows.append(row)
-    ref = stats.mce_reference(runs, reference)
-    caption = (f"Generalization; {CI_TEXT}. {seeds_text(clean['n'])} Mean corrupted accuracy averages every "
-               f"corruption and severity. mCE (Hendrycks & Dietterich 2019): per corruption, the error summed over "
-               f"severities divided by that of the reference CNN ({ref or 'none'}, its errors averaged over seeds) "
-               "under the same pretraining and fraction, averaged over corruptions, in %; the reference scores 100. "
-               "ECE: expected calibration error. Gap: train/acc1 − test/acc1. –: not recorded.")
-    return Table("table3_generalization", "Table 3. Generalization", caption, header, rows,
+    caption = (f"Generalization gap; {CI_TEXT}. {seeds_text(clean['n'])} Train accuracy: the selected checkpoint "
+               "on a fixed part of the training subset (up to 1,024 images), without augmentation. Gap: train − test "
+               "accuracy. –: not recorded.")
+    return Table("table3_generalization", "Table 3. Generalization gap", caption, header, rows,
                  n_keys=3 + multi, notes=legend.notes() + _excluded_note(runs))
 
 
@@ -387,6 +383,13 @@ TABLES: dict[str, Callable[..., Table]] = {
 EXPECTING = ("table1_data_efficiency", "table2_pretraining", "table4_cost")  # show the plan's missing cells
 
 
+def save_table(table: Table, stem: Path) -> Table:
+    """Write `table` as `<stem>.md` and `<stem>.tex` (atomically)."""
+    files.write_text(stem.with_suffix(".md"), table.to_markdown())
+    files.write_text(stem.with_suffix(".tex"), table.to_latex())
+    return table
+
+
 def write_tables(runs: pd.DataFrame, out_dir: Path,
                  expected: pd.DataFrame | None = None) -> tuple[list[Table], dict[str, str]]:
     """Build every table that has data; write each as `<name>.md` and `<name>.tex` (atomically).
@@ -402,13 +405,8 @@ def write_tables(runs: pd.DataFrame, out_dir: Path,
     Returns:
         The tables written, and {skipped table name: reason}.
     """
-    def save(table: Table, stem: Path) -> Table:
-        files.write_text(stem.with_suffix(".md"), table.to_markdown())
-        files.write_text(stem.with_suffix(".tex"), table.to_latex())
-        return table
-
     targets = None if expected is None else expected[expected["role"] == "train"]
     makers = {name: (lambda runs, make=make: make(runs, expected=targets)) if name in EXPECTING else make
               for name, make in TABLES.items()}
-    built, skipped = write_outputs(makers, runs, out_dir, (".md", ".tex"), save, "table")
+    built, skipped = write_outputs(makers, runs, out_dir, (".md", ".tex"), save_table, "table")
     return list(built.values()), skipped
