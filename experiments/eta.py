@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from experiments.spec import RunSpec
 from lightning_modules.catalog import DATASETS
 
-WARMUP_STEPS = 2
-TIMED_STEPS = 3
+WARMUP_STEPS = 3
+TIMED_STEPS = 4
 TRAIN_EVAL_IMAGES = 1024  # the training subset evaluated for the train-test gap (ImageDataModule.train_eval_size)
 
 

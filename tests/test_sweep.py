@@ -327,7 +327,7 @@ def test_killed_sweep_resumes_to_exactly_the_expanded_runs(tmp_path: Path) -> No
     done, total, failed, left = map(int, PROGRESS.findall(out)[-1])
     assert (done, total, failed, left) == (5, 5, 0, 0)
     summary = out[out.index("[tiny] summary"):]
-    assert all(run_id in summary for run_id in expected) and "test/acc1" in summary
+    assert all(run_id in summary for run_id in expected) and "selected/val/acc1" in summary
 
 
 @pytest.mark.slow
@@ -479,7 +479,7 @@ def test_the_eta_comes_from_step_times_measured_before_the_sweep(tmp_path: Path,
     monkeypatch.setattr(eta, "measure", fake_measure)
     runner = LocalRunner(sweep, tmp_path, out=io.StringIO())
     runner._estimate(list(sweep.ordered))
-    assert calls == ["resnet18"]  # one measurement per distinct net
+    assert calls == ["resnet18", "resnet18"]  # a discarded warm-up, then one measurement per distinct net
     per_run = [runner.progress.estimates[s.run_id] for s in sweep.ordered]
     assert per_run[0] == pytest.approx(8 * 0.5 + eta.evaluated_images(sweep.runs[0]) * 0.001)
     assert runner.progress.eta_seconds() == pytest.approx(sum(per_run))
