@@ -345,14 +345,14 @@ class RunSpec:
 
         need(v.profile in PROFILES, "profile", " | ".join(PROFILES))
         need(v.model in MODELS, "model", " | ".join(MODELS))
-        need(v.dataset in DATASETS, "dataset", " | ".join(DATASETS))
+        need(v.dataset in DATASETS, "dataset", DATASETS.allowed())
         need(v.dataset != "fractaldb" or v.role == "pretrain", "dataset",
              "fractaldb only as pretraining (pretraining: fractaldb)")
         need(is_num(v.train_fraction) and 0 < v.train_fraction <= 1, "train_fraction", "a number in (0, 1]")
         need(is_int(v.seed) and v.seed >= 0, "seed", "an integer >= 0")
         need(is_int(v.data_seed) and v.data_seed >= 0, "data_seed", "an integer >= 0")
-        sources = list(PRETRAINING_SOURCES) + [d for d in DATASETS if d != "fractaldb"]
-        need(v.pretraining in sources, "pretraining", " | ".join(sources))
+        need(v.pretraining in PRETRAINING_SOURCES or (v.pretraining in DATASETS and v.pretraining != "fractaldb"),
+             "pretraining", " | ".join(PRETRAINING_SOURCES) + " | " + DATASETS.allowed(exclude=("fractaldb",)))
         need(v.pretraining != v.dataset, "pretraining", "a source other than the target dataset")
         if v.pretraining == "imagenet":
             need(MODELS[v.model].timm_name is not None, "pretraining",

@@ -6,23 +6,17 @@ the same augmentation draws. Subsets are stratified (each class keeps its
 share) and nested (the 1 % subset is inside the 10 % subset), because every
 fraction takes a prefix of one fixed per-class permutation.
 
-Sources: `fashion_mnist` (Debian's `dataset-fashion-mnist` files, a
-`--data-dir`, or a torchvision download), `cifar10` / `cifar100` (python
-pickles, downloaded by torchvision when missing), `imagefolder`
-(`DATA_DIR/train/CLASS/*.jpg` and `DATA_DIR/val/...`), `synthetic` (class
-patterns generated in memory) and `fractaldb` (formula-driven images for
-pretraining).
+The datasets themselves (where their files go, how they are read) are in
+`lightning_modules.datasets`; this module splits, subsets, transforms and
+batches them. Inputs are normalised with the dataset's pixel statistics, or,
+when fine-tuning pretrained weights, with the weights' own (`normalization`).
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import os
-import pickle
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import lightning.pytorch as pl
 import numpy as np
@@ -31,206 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from lightning_modules.catalog import DATASETS
-
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-DEFAULT_DATA_ROOT = Path(os.environ.get("VIT_VS_CNN_DATA", Path.home() / ".cache" / "vit-vs-cnn" / "data"))
-
-# Per-channel pixel statistics of each training set (ImageNet's for folders).
-STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "synthetic": ((0.5,), (0.25,)),
-    "fractaldb": ((0.2,), (0.4,)),
-}
-
-
-class DataError(ValueError):
-    """The data a spec names cannot be found or read; str() is one line."""
-
-
-# ---------------------------------------------------------------- sources
-@dataclass
-class Source:
-    """A dataset's splits before subsetting.
-
-    Attributes:
-        train: indexable dataset of (uint8 image (C, H, W), label).
-        train_targets: (N_train,) int labels of `train`.
-        test: the held-out test split, or None when the dataset has none
-            (then a test split is carved from `train`, disjoint from val).
-        classes: class names.
-    """
-
-    train: Dataset
-    train_targets: np.ndarray
-    test: Dataset | None
-    classes: list[str]
-
-
-class TensorImages(Dataset):
-    """In-memory uint8 images (N, C, H, W) with int labels (N,)."""
-
-    def __init__(self, images: torch.Tensor, targets: np.ndarray) -> None:
-        self.images, self.targets = images, np.asarray(targets, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.images[i], int(self.targets[i])
-
-
-def _read_idx_gz(path: Path) -> np.ndarray:
-    """Read an MNIST-format idx file (optionally gzipped) into a numpy array."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _find_fashion_mnist(data_dir: Path | None) -> Path | None:
-    """First folder holding the four Fashion-MNIST idx files (.gz or raw)."""
-    candidates = ([data_dir, data_dir / "FashionMNIST" / "raw"] if data_dir else []) + [
-        DEBIAN_FASHION_MNIST, DEFAULT_DATA_ROOT / "FashionMNIST" / "raw"]
-    for folder in candidates:
-        if all(_idx_file(folder, stem) for stem in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):
-            return folder
-    return None
-
-
-def _idx_file(folder: Path, stem: str) -> Path | None:
-    for name in (stem + ".gz", stem):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def load_fashion_mnist(data_dir: Path | None, download: bool) -> Source:
-    """Fashion-MNIST from Debian's package, `data_dir`, or torchvision's download."""
-    folder = _find_fashion_mnist(data_dir)
-    if folder is None and download:
-        import torchvision
-
-        root = data_dir or DEFAULT_DATA_ROOT
-        try:
-            torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
-            torchvision.datasets.FashionMNIST(str(root), train=False, download=True)
-        except Exception as exc:  # no network, or a broken mirror
-            raise DataError(f"dataset=fashion_mnist: files not found and download failed "
-                            f"({type(exc).__name__}); run `make data` or pass --data-dir") from None
-        folder = _find_fashion_mnist(root)
-    if folder is None:
-        raise DataError("dataset=fashion_mnist: files not found in --data-dir, "
-                        f"{DEBIAN_FASHION_MNIST} or {DEFAULT_DATA_ROOT}; run `make data` or pass --data-dir")
-
-    def split(prefix: str) -> TensorImages:
-        images = _read_idx_gz(_idx_file(folder, f"{prefix}-images-idx3-ubyte"))  # (N, 28, 28)
-        labels = _read_idx_gz(_idx_file(folder, f"{prefix}-labels-idx1-ubyte"))  # (N,)
-        return TensorImages(torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(np.int64))
-
-    train = split("train")
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-    return Source(train, train.targets, split("t10k"), classes)
-
-
-def load_cifar(name: str, data_dir: Path | None, download: bool) -> Source:
-    """CIFAR-10/100 from the python pickles, downloading them when missing."""
-    root = data_dir or DEFAULT_DATA_ROOT
-    folder, train_files, test_file, label_key, meta = {
-        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                    "labels", ("batches.meta", "label_names")),
-        "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", ("meta", "fine_label_names")),
-    }[name]
-    base = root / folder
-    if not (base / test_file).is_file() and download:
-        import torchvision
-
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        try:
-            cls(str(root), train=True, download=True)
-        except Exception as exc:
-            raise DataError(f"dataset={name}: files not found in {base} and download failed "
-                            f"({type(exc).__name__}); pass --data-dir") from None
-    if not (base / test_file).is_file():
-        raise DataError(f"dataset={name}: files not found in {base}; pass --data-dir or allow the download")
-
-    def unpickle(file: str) -> dict:
-        with open(base / file, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-
-    def split(files: Sequence[str]) -> TensorImages:
-        parts = [unpickle(f) for f in files]
-        images = np.concatenate([p["data"] for p in parts]).reshape(-1, 3, 32, 32)  # (N, 3, 32, 32)
-        labels = np.concatenate([p[label_key] for p in parts])
-        return TensorImages(torch.from_numpy(images.copy()), labels)
-
-    train = split(train_files)
-    classes = list(unpickle(meta[0])[meta[1]])
-    return Source(train, train.targets, split([test_file]), classes)
-
-
-class FolderImages(Dataset):
-    """torchvision ImageFolder yielding uint8 (C, H, W) tensors."""
-
-    def __init__(self, root: Path) -> None:
-        import torchvision
-        from torchvision.io import ImageReadMode, decode_image
-
-        self.folder = torchvision.datasets.ImageFolder(str(root), loader=lambda p: p)
-        self.targets = np.asarray(self.folder.targets, dtype=np.int64)
-        self._decode = lambda path: decode_image(path, mode=ImageReadMode.RGB)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.folder.samples[i]
-        return self._decode(path), label
-
-
-def load_imagefolder(data_dir: Path | None) -> Source:
-    """ImageNet-style folders: DATA_DIR/train/CLASS/* and DATA_DIR/val (or test)/CLASS/*."""
-    if data_dir is None or not (data_dir / "train").is_dir():
-        raise DataError(f"dataset=imagefolder: data_dir={str(data_dir)!r} has no train/ folder "
-                        "(expected DATA_DIR/train/CLASS/*.jpg and DATA_DIR/val/CLASS/*.jpg)")
-    train = FolderImages(data_dir / "train")
-    test_dir = next((data_dir / d for d in ("val", "test") if (data_dir / d).is_dir()), None)
-    test = FolderImages(test_dir) if test_dir else None
-    if test is not None and test.folder.classes != train.folder.classes:
-        raise DataError(f"dataset=imagefolder: {test_dir} classes differ from train/ classes")
-    return Source(train, train.targets, test, list(train.folder.classes))
-
-
-def make_synthetic(num_classes: int = 4, n_train: int = 512, n_test: int = 128, size: int = 32,
-                   seed: int = 1234) -> Source:
-    """Learnable class patterns: a smooth random template per class plus pixel noise."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.uniform(0, 1, size=(num_classes, 1, 4, 4))  # (K, 1, 4, 4)
-    templates = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(size, size),
-                                                mode="bilinear", align_corners=False)  # (K, 1, S, S)
-
-    def split(n: int) -> TensorImages:
-        labels = np.arange(n) % num_classes
-        noise = torch.from_numpy(rng.normal(0, 0.15, size=(n, 1, size, size)))
-        images = (templates[labels] + noise).clamp(0, 1).mul(255).round().to(torch.uint8)  # (n, 1, S, S)
-        return TensorImages(images, labels)
-
-    train = split(n_train)
-    return Source(train, train.targets, split(n_test), [f"class{k}" for k in range(num_classes)])
-
-
-def load_fractaldb(num_classes: int, size: int, img_size: int, seed: int) -> Source:
-    """FractalDB pretraining images (no test split: one is carved off)."""
-    from lightning_modules.fractaldb import FractalDB
-
-    per_class = max(1, size // num_classes)
-    data = FractalDB(num_classes=num_classes, instances_per_class=per_class, img_size=img_size, seed=seed)
-    return Source(data, np.asarray(data.targets, dtype=np.int64), None, [f"ifs{k}" for k in range(num_classes)])
+from lightning_modules.datasets import DataError, DataRequest, Normalization, Source, TensorImages, load_source
 
 
 # ---------------------------------------------------------------- subsets
@@ -288,12 +83,12 @@ def subset_hash(indices: np.ndarray) -> str:
 
 
 # ---------------------------------------------------------------- transforms
-def build_transforms(dataset: str, img_size: int, in_chans: int, augment: str, train: bool,
+def build_transforms(normalization: Normalization, img_size: int, in_chans: int, augment: str, train: bool,
                      native_size: int) -> v2.Compose:
     """The same pipeline for every net: channels, size, augmentation, normalisation.
 
     Args:
-        dataset: picks the normalisation statistics.
+        normalization: the input statistics (averaged over channels when their number differs from `in_chans`).
         img_size: the net's input side.
         in_chans: the net's input channels (grey is repeated to 3; RGB is
             converted to grey for 1).
@@ -301,9 +96,7 @@ def build_transforms(dataset: str, img_size: int, in_chans: int, augment: str, t
         train: training (augmented) or evaluation pipeline.
         native_size: the dataset's stored side (large images are crop-resized).
     """
-    mean, std = STATS[dataset]
-    if in_chans != len(mean):
-        mean, std = (float(np.mean(mean)),) * in_chans, (float(np.mean(std)),) * in_chans
+    normalization = normalization.for_channels(in_chans)
     steps: list[Callable] = [v2.ToImage()]
     small = native_size <= 64
     if train and augment != "none":
@@ -319,7 +112,8 @@ def build_transforms(dataset: str, img_size: int, in_chans: int, augment: str, t
         steps += [v2.Resize(img_size, antialias=True)] if native_size != img_size else []
     else:
         steps += [v2.Resize(int(round(img_size / 0.875)), antialias=True), v2.CenterCrop(img_size)]
-    steps += [_ToChannels(in_chans), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    steps += [_ToChannels(in_chans), v2.ToDtype(torch.float32, scale=True),
+              v2.Normalize(normalization.mean, normalization.std)]
     return v2.Compose(steps)
 
 
@@ -449,11 +243,15 @@ class ImageDataModule(pl.LightningDataModule):
         data_seed: seed of split, subset, order and augmentation.
         augment: "none" | "basic" | "randaug".
         mixup_alpha / cutmix_alpha: torchvision MixUp / CutMix (0 = off).
-        data_dir: where the files are (None: the defaults in the module docstring).
+        data_dir: where the files are (None: the data root of `lightning_modules.datasets`).
         download: allow torchvision downloads when files are missing.
         fractal_classes / fractal_size / fractal_seed: FractalDB size (dataset="fractaldb").
         num_workers: DataLoader workers.
         train_eval_size: training images evaluated (no augmentation) for the train-test gap.
+        normalization: the input statistics to use instead of the dataset's (a pretrained net's own).
+
+    After `setup`, `normalization` holds the statistics the inputs are normalised with (per net input
+    channel, with their source), for result.json.
     """
 
     def __init__(self, dataset: str, img_size: int, in_chans: int, batch_size: int,
@@ -462,10 +260,11 @@ class ImageDataModule(pl.LightningDataModule):
                  augment: str = "basic", mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  data_dir: str | Path | None = None, download: bool = True,
                  fractal_classes: int = 0, fractal_size: int = 0, fractal_seed: int = 0,
-                 num_workers: int = 0, train_eval_size: int = 1024) -> None:
+                 num_workers: int = 0, train_eval_size: int = 1024,
+                 normalization: Normalization | None = None) -> None:
         super().__init__()
         if dataset not in DATASETS:
-            raise DataError(f"invalid dataset={dataset!r} (allowed: {' | '.join(DATASETS)})")
+            raise DataError(f"invalid dataset={dataset!r} (allowed: {DATASETS.allowed()})")
         self.dataset, self.img_size, self.in_chans = dataset, img_size, in_chans
         self.batch_size, self.train_fraction = batch_size, train_fraction
         self.val_size, self.val_fraction = val_size, val_fraction
@@ -474,24 +273,17 @@ class ImageDataModule(pl.LightningDataModule):
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
         self.download, self.num_workers, self.train_eval_size = download, num_workers, train_eval_size
         self.fractal = (fractal_classes, fractal_size, fractal_seed)
+        self.normalization_override = normalization
         self.source: Source | None = None
 
     # -- loading
     def load_source(self) -> Source:
         """Read (or generate) the dataset; raises DataError with one line when it can't."""
         if self.source is None:
-            name = self.dataset
-            if name == "fashion_mnist":
-                self.source = load_fashion_mnist(self.data_dir, self.download)
-            elif name in ("cifar10", "cifar100"):
-                self.source = load_cifar(name, self.data_dir, self.download)
-            elif name == "imagefolder":
-                self.source = load_imagefolder(self.data_dir)
-            elif name == "synthetic":
-                self.source = make_synthetic()
-            else:
-                classes, size, seed = self.fractal  # + a validation and a test split of the same size
-                self.source = load_fractaldb(classes, size + 2 * self.n_val_for(size, classes), self.img_size, seed)
+            classes, size, seed = self.fractal  # FractalDB: + a validation and a test split of the same size
+            total = size + 2 * self.n_val_for(size, classes) if self.dataset == "fractaldb" else 0
+            self.source = load_source(DataRequest(self.dataset, self.data_dir, self.download, self.img_size,
+                                                  classes, total, seed))
         return self.source
 
     def prepare_data(self) -> None:
@@ -508,7 +300,7 @@ class ImageDataModule(pl.LightningDataModule):
         if hasattr(self, "train_set"):
             return
         src = self.load_source()
-        native = DATASETS[self.dataset].native_size
+        native = src.native_size
         self.num_classes = int(src.train_targets.max()) + 1
         n_images = len(src.train_targets)
         if self.dataset == "fractaldb":  # generated with a validation and a test split on top
@@ -526,8 +318,9 @@ class ImageDataModule(pl.LightningDataModule):
                 if isinstance(part, TensorImages):
                     part.images = v2.functional.resize(part.images, [self.img_size] * 2, antialias=True)
             native = self.img_size
-        train_tf = build_transforms(self.dataset, self.img_size, self.in_chans, self.augment, True, native)
-        eval_tf = build_transforms(self.dataset, self.img_size, self.in_chans, "none", False, native)
+        self.normalization = (self.normalization_override or src.normalization).for_channels(self.in_chans)
+        train_tf = build_transforms(self.normalization, self.img_size, self.in_chans, self.augment, True, native)
+        eval_tf = build_transforms(self.normalization, self.img_size, self.in_chans, "none", False, native)
         self.train_set = SeededSubset(src.train, self.train_idx, train_tf, random=self.augment != "none")
         self.val_set = SeededSubset(src.train, self.val_idx, eval_tf)
         self.test_set = (SeededSubset(src.test, np.arange(len(src.test)), eval_tf) if src.test is not None

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.data import (DataError, ImageDataModule, MixCollate, build_transforms, load_cifar,
-                                    load_fashion_mnist, load_imagefolder, make_synthetic, split_indices,
-                                    subset_hash)
+from lightning_modules.data import ImageDataModule, MixCollate, build_transforms, split_indices, subset_hash
+from lightning_modules.datasets import (DataError, DataRequest, Normalization, load_cifar, load_idx,
+                                        load_imagefolder, make_synthetic)
 
 torch.set_num_threads(1)
+FASHION = Normalization((0.2860,), (0.3530,), "dataset:fashion_mnist")
+CIFAR10 = Normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "dataset:cifar10")
+SYNTHETIC = Normalization((0.5,), (0.25,), "dataset:synthetic")
 TARGETS = np.repeat(np.arange(10), [500, 400, 300, 600, 500, 500, 200, 700, 500, 300])  # imbalanced
 
 
@@ -84,14 +87,14 @@ def test_epochs_differ_in_order_and_augmentation() -> None:
 
 def test_channel_handling_and_normalisation() -> None:
     image = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8)
-    grey = build_transforms("fashion_mnist", 32, 1, "none", False, native_size=28)(image)
-    rgb = build_transforms("fashion_mnist", 32, 3, "none", False, native_size=28)(image)
+    grey = build_transforms(FASHION, 32, 1, "none", False, native_size=28)(image)
+    rgb = build_transforms(FASHION, 32, 3, "none", False, native_size=28)(image)
     assert grey.shape == (1, 32, 32) and rgb.shape == (3, 32, 32)
     assert torch.allclose(rgb[0], grey[0]) and torch.allclose(rgb[1], rgb[2])
     colour = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    assert build_transforms("cifar10", 32, 1, "none", False, native_size=32)(colour).shape == (1, 32, 32)
+    assert build_transforms(CIFAR10, 32, 1, "none", False, native_size=32)(colour).shape == (1, 32, 32)
     flat = torch.full((1, 28, 28), round(0.2860 * 255), dtype=torch.uint8)
-    assert build_transforms("fashion_mnist", 28, 1, "none", False, 28)(flat).abs().max() < 0.01
+    assert build_transforms(FASHION, 28, 1, "none", False, 28)(flat).abs().max() < 0.01
 
 
 def test_mixup_cutmix_give_soft_targets_deterministically() -> None:
@@ -116,21 +119,21 @@ def test_fashion_mnist_reads_debian_style_gz_files(tmp_path: Path) -> None:
     for prefix, n in (("train", 50), ("t10k", 20)):
         _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
         _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    source = load_fashion_mnist(tmp_path, download=False)
+    source = load_idx(DataRequest("fashion_mnist", tmp_path))
     assert source.train.images.shape == (50, 1, 28, 28) and len(source.test) == 20
     assert source.train_targets.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
 
 
 def test_missing_data_is_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lightning_modules.data.DEBIAN_FASHION_MNIST", tmp_path / "none")
-    monkeypatch.setattr("lightning_modules.data.DEFAULT_DATA_ROOT", tmp_path / "none2")
+    monkeypatch.setattr("lightning_modules.datasets.DEBIAN_FASHION_MNIST", tmp_path / "none")
+    monkeypatch.setattr("lightning_modules.datasets.DEFAULT_DATA_ROOT", tmp_path / "none2")
     with pytest.raises(DataError) as err:
-        load_fashion_mnist(tmp_path / "empty", download=False)
+        load_idx(DataRequest("fashion_mnist", tmp_path / "empty"))
     assert "dataset=fashion_mnist" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(DataError, match="dataset=cifar10"):
-        load_cifar("cifar10", tmp_path, download=False)
+        load_cifar(DataRequest("cifar10", tmp_path))
     with pytest.raises(DataError, match="dataset=imagefolder"):
-        load_imagefolder(tmp_path)
+        load_imagefolder(DataRequest("imagefolder", tmp_path))
 
 
 def test_cifar_reads_python_pickles(tmp_path: Path) -> None:
@@ -142,7 +145,7 @@ def test_cifar_reads_python_pickles(tmp_path: Path) -> None:
             pickle.dump({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}, f)
     with open(base / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
-    source = load_cifar("cifar10", tmp_path, download=False)
+    source = load_cifar(DataRequest("cifar10", tmp_path))
     assert source.train.images.shape == (20, 3, 32, 32) and len(source.test) == 4 and source.classes[0] == "c0"
 
 
@@ -184,10 +187,10 @@ def test_fast_paths_equal_the_plain_per_sample_pipeline() -> None:
                          augment="randaug")
     raw = make_synthetic().train
     dm.setup()
-    plain_eval = build_transforms("synthetic", 40, 1, "none", False, native_size=32)
+    plain_eval = build_transforms(SYNTHETIC, 40, 1, "none", False, native_size=32)
     i = int(dm.val_idx[0])
     assert torch.allclose(dm.val_set[0][0], plain_eval(raw.images[i]), atol=1e-6)
-    plain_train = build_transforms("synthetic", 40, 1, "randaug", True, native_size=32)
+    plain_train = build_transforms(SYNTHETIC, 40, 1, "randaug", True, native_size=32)
     items = [(0, 11), (5, 12), (9, 13)]
     batch = dm.train_set.__getitems__(items)
     for (pos, seed), (image, label, _) in zip(items, batch):
@@ -204,7 +207,7 @@ def test_unaugmented_training_batches_are_transformed_as_one_tensor_with_the_sam
     raw = make_synthetic().train
     dm.setup()
     assert dm.train_set.random is False
-    plain = build_transforms("synthetic", 40, 3, "none", True, native_size=32)
+    plain = build_transforms(SYNTHETIC, 40, 3, "none", True, native_size=32)
     items = [(0, 11), (5, 12), (9, 13)]
     batch = dm.train_set.__getitems__(items)
     assert [seed for _, _, seed in batch] == [11, 12, 13]
@@ -233,3 +236,50 @@ def test_the_validation_size_adapts_to_a_small_dataset(tmp_path: Path) -> None:
     capped = ImageDataModule("synthetic", 32, 1, 8, val_size=20, val_fraction=0.1)
     capped.setup()
     assert len(capped.val_idx) == 20  # 10 % of 512 would be 51: the cap holds
+
+
+def _fake_fashion_mnist(folder: Path) -> None:
+    """Debian-style .gz idx files: 300 training and 60 test images of random pixels, shuffled labels."""
+    rng = np.random.default_rng(2024)
+    for prefix, n in (("train", 300), ("t10k", 60)):
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.permutation(np.arange(n) % 10))
+
+
+def _pipeline_digest(dm: ImageDataModule) -> tuple[str, str]:
+    """(subset hash, SHA-256 prefix of two training batches of epoch 1, the first val, test and train-eval
+    batches: pixels as float32 bytes, then labels)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    batches = _batches(dm, 2) + [next(iter(loader)) for loader in
+                                 (dm.val_dataloader(), dm.test_dataloader(), dm.train_eval_dataloader())]
+    for images, labels in batches:
+        digest.update(images.contiguous().numpy().tobytes())
+        digest.update(labels.numpy().astype(np.int64).tobytes())
+    return dm.subset_hash, digest.hexdigest()[:32]
+
+
+# Digests of the pipeline before the dataset registry (commit 97f393d), recorded by this same code on it:
+# the registry must not change one pixel, label or index of Fashion-MNIST's batches.
+@pytest.mark.parametrize("img_size, in_chans, augment, expected", [
+    (28, 1, "basic", ("44f006f5427b3bb1", "c98ab64e3299c0d38972d1682dedd8e8")),
+    (32, 3, "randaug", ("44f006f5427b3bb1", "546b5c2ebc3af3665f4c5b7ae29bd407")),
+])
+def test_fashion_mnist_batches_are_bit_for_bit_those_of_the_pipeline_before_the_registry(
+        tmp_path: Path, img_size: int, in_chans: int, augment: str, expected: tuple[str, str]) -> None:
+    _fake_fashion_mnist(tmp_path)
+    dm = ImageDataModule("fashion_mnist", img_size=img_size, in_chans=in_chans, batch_size=16, train_fraction=0.5,
+                         val_size=40, data_seed=3, augment=augment, data_dir=tmp_path, download=False)
+    dm.setup()
+    assert _pipeline_digest(dm) == expected
+    assert dm.normalization.source == "dataset:fashion_mnist"
+
+
+def test_the_cpu_profile_batches_of_the_debian_files_are_those_of_the_pipeline_before_the_registry() -> None:
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist is not installed (make data)")
+    dm = ImageDataModule("fashion_mnist", 28, 1, 128, train_fraction=0.1, val_size=1000, val_fraction=0.1,
+                         data_seed=0)
+    dm.setup()
+    assert _pipeline_digest(dm) == ("69504c39e899c3cf", "c1eea2ad7330f052de16be2b6ec63c86")

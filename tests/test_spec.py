@@ -28,7 +28,8 @@ def test_round_trip_through_dict() -> None:
 
 @pytest.mark.parametrize("overrides, field, value", [
     (dict(model="vgg16"), "model", "vgg16"),
-    (dict(dataset="mnist"), "dataset", "mnist"),
+    (dict(dataset="imagenet21k"), "dataset", "imagenet21k"),
+    (dict(dataset="torchvision:emnist"), "dataset", "torchvision:emnist"),
     (dict(train_fraction=1.5), "train_fraction", "1.5"),
     (dict(train_fraction=0.0), "train_fraction", "0.0"),
     (dict(max_steps=0, min_steps=0), "min_steps", "0"),
@@ -44,6 +45,14 @@ def test_bad_values_name_field_value_and_allowed(overrides: dict, field: str, va
     message = str(err.value)
     assert "\n" not in message
     assert f"{field}=" in message and value in message and "allowed" in message
+
+
+def test_torchvision_datasets_are_named_by_a_rule_checked_without_torch() -> None:
+    spec = RunSpec.create("cpu", dataset="torchvision:EMNIST:split=balanced", pretraining="torchvision:KMNIST")
+    assert spec.net_in_chans == 3 and spec.upstream().dataset == "torchvision:KMNIST"
+    assert RunSpec.create("cpu", dataset="stl10").net_in_chans == 3
+    with pytest.raises(SpecError, match=r"dataset='torchvision:EMNIST split'.*torchvision:CLASS\[:KEY=VALUE"):
+        RunSpec.create("cpu", dataset="torchvision:EMNIST split")
 
 
 def test_unknown_profile() -> None:
