@@ -113,15 +113,18 @@ class Prepared:
 
 def build_datamodule(spec: RunSpec) -> ImageDataModule:
     """The spec's ImageDataModule (nothing loaded yet): the per-process batch under DDP; FractalDB sized by the
-    pretraining fields and seeded by the run's seed."""
+    pretraining fields and seeded by the run's seed; inputs normalised with the ImageNet weights' own statistics
+    when fine-tuning them, else with the dataset's."""
     from lightning_modules.data import ImageDataModule
+    from lightning_modules.models import pretrained_normalization
 
     return ImageDataModule(
         dataset=spec.dataset, img_size=spec.img_size, in_chans=spec.net_in_chans,
         batch_size=spec.batch_size // spec.devices, train_fraction=spec.train_fraction, val_size=spec.val_size,
         val_fraction=spec.val_fraction, data_seed=spec.data_seed, augment=spec.augment, mixup_alpha=spec.mixup_alpha,
         cutmix_alpha=spec.cutmix_alpha, data_dir=spec.data_dir, fractal_classes=spec.pretrain_classes,
-        fractal_size=spec.pretrain_size, fractal_seed=spec.seed, num_workers=spec.num_workers)
+        fractal_size=spec.pretrain_size, fractal_seed=spec.seed, num_workers=spec.num_workers,
+        normalization=pretrained_normalization(spec.model) if spec.pretraining == "imagenet" else None)
 
 
 def check_model_kwargs(spec: RunSpec) -> None:
@@ -148,7 +151,8 @@ def check_model_kwargs(spec: RunSpec) -> None:
 
 
 def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
-    """Everything that can fail on bad input, before any work: the weights file, the net's options, the data.
+    """Everything that can fail on bad input, before any work: the ImageNet weights (a `--weights-file` that
+    loads, the Hugging Face cache, or the hub reachable within seconds), the net's options, the data.
 
     The run's data is loaded and split here and handed on to training; the
     pretraining run's data (a dataset, not FractalDB, which is generated) is
@@ -158,14 +162,17 @@ def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
         The run, and the pretraining run it fine-tunes from (None without one).
 
     Raises:
-        SpecError / DataError: with one line naming the field and value.
+        SpecError / DataError / ModelError: with one line naming the field and value.
     """
     from lightning_modules.data import DataError
+    from lightning_modules.models import check_weights
 
     if spec.weights_file is not None and not Path(spec.weights_file).expanduser().is_file():
         raise SpecError("weights_file", spec.weights_file, "an existing timm checkpoint file")
     if spec.weights_file is not None and spec.pretraining != "imagenet":
         raise SpecError("weights_file", spec.weights_file, "only with pretraining=imagenet")
+    if spec.pretraining == "imagenet":
+        check_weights(spec.model, spec.weights_file)
     check_model_kwargs(spec)
     datamodule = build_datamodule(spec)
     upstream_spec = spec.upstream()
@@ -364,7 +371,8 @@ def build(prepared: Prepared, upstream_dir: RunDir | None) -> Built:
                      upstream_val_acc1=upstream["selected"]["val/acc1"],
                      upstream_improving_at_end=upstream.get("improving_at_end"))
     flops = flops_per_image(net, spec.net_in_chans, spec.img_size)
-    facts.update(architecture=architecture(**net_args), params=count_params(net), flops_per_image=flops)
+    facts.update(architecture={**architecture(**net_args), "normalization": datamodule.normalization.to_dict()},
+                 params=count_params(net), flops_per_image=flops)
     steps = spec.train_steps(datamodule.n_train)
     module = ImageClassifier(net, datamodule.num_classes, lr=spec.lr, weight_decay=spec.weight_decay,
                              total_steps=steps, warmup_steps=round(spec.warmup_frac * steps),

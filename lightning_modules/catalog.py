@@ -34,12 +34,14 @@ class ModelInfo:
 
 
 MODELS: dict[str, ModelInfo] = {
-    # Paper-scale pair (224 px, patch 16), same widths as timm / DeiT.
-    "vit_ti16": ModelInfo("vit", "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    # Paper-scale pair (224 px, patch 16), same widths as timm / DeiT. ImageNet pretraining is symmetric: every
+    # net loads ImageNet-1k weights (DeiT's, Touvron et al. 2021, against ResNet50's resnet50.a1_in1k), which
+    # also share one input normalisation (ImageNet's mean/std), so pretrained nets see identical batches.
+    "vit_ti16": ModelInfo("vit", "deit_tiny_patch16_224.fb_in1k",
                           ViTConfig(patch_size=16, embed_dim=192, depth=12, num_heads=3)),
-    "vit_s16": ModelInfo("vit", "vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_s16": ModelInfo("vit", "deit_small_patch16_224.fb_in1k",
                          ViTConfig(patch_size=16, embed_dim=384, depth=12, num_heads=6)),
-    "vit_b16": ModelInfo("vit", "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "vit_b16": ModelInfo("vit", "deit_base_patch16_224.fb_in1k",
                          ViTConfig(patch_size=16, embed_dim=768, depth=12, num_heads=12)),
     # CPU profile: a small ViT for 28 px images (patch 4: 49 tokens), its training FLOPs per image within
     # 0.5-2x of ResNet50's at the same size; width and depth chosen on validation accuracy

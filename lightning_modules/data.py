@@ -313,9 +313,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_idx, self.val_idx, test_idx = split_indices(
             src.train_targets, self.data_seed, self.train_fraction, n_val, test_size)
         self.classes = src.classes
-        if native <= 64 and native != self.img_size:  # resize in-memory images once, not every epoch
+        in_memory = all(isinstance(part, TensorImages) for part in (src.train, src.test) if part is not None)
+        if in_memory and native <= 64 and native != self.img_size:  # resize in memory once, not every epoch
             for part in (src.train, src.test):
-                if isinstance(part, TensorImages):
+                if part is not None:
                     part.images = v2.functional.resize(part.images, [self.img_size] * 2, antialias=True)
             native = self.img_size
         self.normalization = (self.normalization_override or src.normalization).for_channels(self.in_chans)

@@ -3,12 +3,15 @@
 Every net built here exposes timm's interface: `forward_features(x)`,
 `forward_head(x, pre_logits=False)`, `num_features`, `reset_classifier(n)`.
 ViTs are our transparent `VisionTransformer`; CNNs come from
-`timm.create_model` unchanged. ImageNet weights come from timm (the hub when
-online, or a local file) and reach our ViT through `vit_timm.from_timm`.
+`timm.create_model` unchanged. ImageNet weights come from timm (a local file,
+the Hugging Face cache, or the hub when online) and reach our ViT through
+`vit_timm.from_timm`; `check_weights` says before any work whether they can be
+had, and `pretrained_normalization` gives the input statistics they expect.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from torch import nn
 
 from lightning_modules import vit_timm
 from lightning_modules.catalog import MODELS
+from lightning_modules.datasets import Normalization
 from lightning_modules.vit import VisionTransformer
 from lightning_modules.vit_config import ARCH_FIELDS, ViTConfig
 
@@ -58,7 +62,8 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
         num_classes: classifier outputs.
         in_chans: input channels (timm adapts pretrained stems to 1 channel by summing).
         img_size: input side (pretrained ViT position embeddings are resampled).
-        pretrained: load timm's ImageNet weights (the hub, or `weights_file`).
+        pretrained: load timm's ImageNet weights (`weights_file`, else the
+            Hugging Face cache, else the hub).
         weights_file: a local timm checkpoint (.safetensors / .pth / .bin) to
             use instead of the hub.
         drop_path_rate: stochastic depth.
@@ -83,6 +88,8 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
     if weights_file is not None and not Path(weights_file).is_file():
         raise ModelError(f"invalid weights_file={str(weights_file)!r} (not a file)")
     timm_kwargs: dict[str, Any] = dict(num_classes=num_classes, in_chans=in_chans)
+    if pretrained and weights_file is None:  # a cached download is read directly: no request to the hub
+        weights_file = cached_weights(info.timm_name)
     if pretrained and weights_file is not None:
         timm_kwargs["pretrained_cfg_overlay"] = dict(file=str(weights_file))
 
@@ -99,6 +106,111 @@ def build_model(name: str, num_classes: int, in_chans: int, img_size: int, pretr
     return timm.create_model(info.timm_name.split(".")[0] if not pretrained else info.timm_name,
                              pretrained=pretrained, drop_path_rate=drop_path_rate, **timm_kwargs,
                              **{**info.timm_kwargs, **dict(overrides or {})})
+
+
+def pretrained_normalization(name: str) -> Normalization:
+    """The input statistics the registered net's ImageNet weights were trained with (timm's pretrained config).
+
+    Raises:
+        ModelError: the net has no ImageNet weights.
+    """
+    timm_name = MODELS[name].timm_name
+    if timm_name is None:
+        raise ModelError(f"invalid pretraining='imagenet' for model={name!r} (no ImageNet weights)")
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    return Normalization(tuple(cfg.mean), tuple(cfg.std), f"weights:{timm_name}")
+
+
+def _hub_files(timm_name: str) -> tuple[str, str | None, tuple[str, ...]]:
+    """(repo id, revision, candidate file names) of a timm model's weights on the Hugging Face hub."""
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    repo, _, revision = (cfg.hf_hub_id or f"timm/{timm_name}").partition("@")
+    names = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+    return repo, revision or None, names
+
+
+def cached_weights(timm_name: str) -> Path | None:
+    """The weights' file in the Hugging Face cache (where timm's download puts it), or None."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo, revision, names = _hub_files(timm_name)
+    for filename in names:
+        found = try_to_load_from_cache(repo, filename, cache_dir=constants.HF_HUB_CACHE, revision=revision)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _hub_unreachable(timm_name: str, timeout_s: float) -> str | None:
+    """None when the hub answers for the weights within `timeout_s` seconds, else why it does not.
+
+    The request runs in a daemon thread joined with a deadline, so a resolver or
+    a network that hangs costs `timeout_s` at most.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    repo, revision, names = _hub_files(timm_name)
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            get_hf_file_metadata(hf_hub_url(repo, names[0], revision=revision), timeout=timeout_s)
+            outcome.append(None)
+        except EntryNotFoundError:  # the repository answered; timm tries its other file name
+            outcome.append(None)
+        except Exception as exc:  # noqa: BLE001 - any failure means the download would fail too
+            outcome.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:120])
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return outcome[0] if outcome else f"no answer within {timeout_s:g} s"
+
+
+def check_weights(name: str, weights_file: str | Path | None = None, timeout_s: float = 10.0) -> str:
+    """Check, before any work, that a net's ImageNet weights can be had, without waiting on a network that
+    is not there.
+
+    Args:
+        name: a registered net with ImageNet weights.
+        weights_file: a local checkpoint (it must load with `weights_only`), or None for timm's weights.
+        timeout_s: the longest wait for the hub (when the weights are neither given nor cached).
+
+    Returns:
+        Where they will come from: "file:PATH", "cache:PATH" or "hub:REPO".
+
+    Raises:
+        ModelError: one line naming `--weights-file`: the file does not load, or the weights are not
+            cached and the hub cannot be reached.
+    """
+    timm_name = MODELS[name].timm_name
+    if timm_name is None:
+        raise ModelError(f"invalid pretraining='imagenet' for model={name!r} (no ImageNet weights)")
+    if weights_file is not None:
+        try:
+            state = timm.models.load_state_dict(str(Path(weights_file).expanduser()), weights_only=True)
+            usable = isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values())
+            reason = None if usable else "no tensors in it"
+        except Exception as exc:  # noqa: BLE001 - missing, not a checkpoint, or pickled objects
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160] or type(exc).__name__
+        if reason:
+            raise ModelError(f"invalid --weights-file={str(weights_file)!r} (allowed: a checkpoint of {timm_name} "
+                             f"that loads with weights_only: .safetensors, .pth or .bin; it said {reason})")
+        return f"file:{weights_file}"
+    cached = cached_weights(timm_name)
+    if cached is not None:
+        return f"cache:{cached}"
+    reason = _hub_unreachable(timm_name, timeout_s)
+    if reason is not None:
+        from huggingface_hub import constants
+
+        raise ModelError(f"pretraining=imagenet: the weights {timm_name} are not in the Hugging Face cache "
+                         f"({constants.HF_HUB_CACHE}) and the hub cannot be reached ({reason}); pass "
+                         f"--weights-file FILE (a checkpoint of {timm_name}: .safetensors, .pth or .bin)")
+    return f"hub:{_hub_files(timm_name)[0]}"
 
 
 def load_backbone(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:

@@ -117,3 +117,97 @@ def test_load_backbone_copies_everything_but_the_head(name: str) -> None:
     wrong = build_model(name, num_classes=10, in_chans=3, img_size=32)
     with pytest.raises(ModelError, match="invalid pretrained weights"):
         load_backbone(target, wrong.state_dict())
+
+
+# ---------------------------------------------------------------- ImageNet weights: normalisation and preflight
+def _spec(**overrides: object) -> "RunSpec":
+    from experiments.spec import RunSpec
+
+    values = dict(dataset="synthetic", val_size=32, batch_size=16, min_steps=2, max_steps=2, num_evals=1,
+                  wandb="off", precision="32-true")
+    return RunSpec.create("cpu", **{**values, **overrides})
+
+
+@pytest.mark.parametrize("model, in_chans", [("resnet50", 0), ("vit_s16", 3)])
+def test_a_pretrained_run_is_normalised_with_its_weights_statistics(model: str, in_chans: int) -> None:
+    from experiments.train import build_datamodule
+
+    imagenet_mean, imagenet_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # resnet50.a1_in1k's and DeiT's
+    pretrained = build_datamodule(_spec(model=model, pretraining="imagenet", in_chans=in_chans,
+                                        img_size=32 if model == "resnet50" else 224))
+    pretrained.setup()
+    chans = pretrained.in_chans
+    expected_mean = imagenet_mean if chans == 3 else (sum(imagenet_mean) / 3,)  # grey: averaged to one channel
+    expected_std = imagenet_std if chans == 3 else (sum(imagenet_std) / 3,)
+    record = pretrained.normalization.to_dict()
+    assert record["source"] == f"weights:{MODELS[model].timm_name}"
+    assert record["mean"] == pytest.approx(expected_mean) and record["std"] == pytest.approx(expected_std)
+    mean_colour = torch.tensor([round(m * 255) for m in expected_mean], dtype=torch.uint8).view(chans, 1, 1)
+    assert pretrained.val_set.transform(mean_colour.expand(chans, 32, 32)).abs().max() < 0.01  # mean -> 0
+    scratch = build_datamodule(_spec(model=model, in_chans=in_chans, img_size=32 if model == "resnet50" else 224))
+    scratch.setup()
+    assert scratch.normalization.to_dict() == {"source": "dataset:synthetic", "mean": [0.5] * chans,
+                                               "std": [0.25] * chans}
+
+
+def test_every_imagenet_checkpoint_is_imagenet_1k_and_loads_into_our_nets() -> None:
+    """Symmetric pretraining: every net's weights are ImageNet-1k weights that timm publishes."""
+    published = set(timm.list_pretrained())
+    for name, info in MODELS.items():
+        if info.timm_name is not None:
+            assert info.timm_name in published and info.timm_name.endswith("in1k") and "21k" not in info.timm_name
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hf-cache"
+
+
+def test_missing_imagenet_weights_offline_stop_before_any_work_naming_weights_file(
+        tmp_path: Path, empty_hf_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    from experiments.train import main
+
+    runs = tmp_path / "runs"
+    started = time.perf_counter()
+    code = main(["--model", "resnet18", "--dataset", "synthetic", "--pretraining", "imagenet", "--wandb", "off",
+                 "--runs-dir", str(runs)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and time.perf_counter() - started < 10
+    assert "resnet18.a1_in1k" in line and "--weights-file" in line and str(empty_hf_cache) in line
+    assert not runs.exists()
+
+
+def test_a_local_weights_file_or_a_cached_download_passes_preflight(tmp_path: Path, empty_hf_cache: Path) -> None:
+    from safetensors.torch import save_file
+
+    from experiments.train import preflight
+    from lightning_modules.models import check_weights
+
+    torch.manual_seed(0)
+    reference = timm.create_model("resnet18", pretrained=False)
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(reference.state_dict(), str(weights))
+    prepared, _ = preflight(_spec(model="resnet18", pretraining="imagenet", weights_file=str(weights)))
+    assert prepared.datamodule.normalization.source == "weights:resnet18.a1_in1k"
+
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=r"invalid --weights-file='.*broken.pth' \(allowed: a checkpoint of "
+                                         r"resnet18.a1_in1k that loads with weights_only"):
+        check_weights("resnet18", broken)
+
+    # timm's own download, already in the Hugging Face cache: used as it is, no request to the hub
+    snapshot = empty_hf_cache / "models--timm--resnet18.a1_in1k" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (empty_hf_cache / "models--timm--resnet18.a1_in1k" / "refs").mkdir()
+    (empty_hf_cache / "models--timm--resnet18.a1_in1k" / "refs" / "main").write_text("0123abcd")
+    save_file(reference.state_dict(), str(snapshot / "model.safetensors"))
+    assert check_weights("resnet18") == f"cache:{snapshot / 'model.safetensors'}"
+    net = build_model("resnet18", num_classes=10, in_chans=3, img_size=32, pretrained=True)
+    assert torch.equal(net.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
