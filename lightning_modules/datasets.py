@@ -222,8 +222,8 @@ def files_missing(request: DataRequest, folder: Path, download_error: str | None
     """The one-line error for files that are not there: the folder looked in, the layout expected, what to do."""
     layout = DATASETS[request.name].files
     how = f"download failed ({download_error}); " if download_error else ""
-    fix = hint or ("put the files there or pass --data-dir DIR" + ("" if request.download or download_error
-                                                                     else ", or allow the download"))
+    fix = hint or ("put the files there or pass --data-dir DIR" if request.download or download_error else
+                   "put the files there, pass --data-dir DIR, or allow the download")
     return DataError(f"dataset={request.name}: files not found in {folder} (expected under the data root "
                      f"{request.root}: {layout}); {how}{fix}")
 
@@ -435,15 +435,17 @@ def load_tiny_imagenet(request: DataRequest) -> Source:
         raise DataError(f"dataset=tiny_imagenet: {folder / 'train'} has no WNID/images/ folders "
                         f"(expected {DATASETS['tiny_imagenet'].files})")
     index = {wnid: k for k, wnid in enumerate(classes)}
-    train = FileImages([(path, k) for wnid, k in index.items() for path in _image_files(folder / "train" / wnid / "images")])
+    train = FileImages([(path, k) for wnid, k in index.items()
+                        for path in _image_files(folder / "train" / wnid / "images")])
     val = []
     annotations = folder / "val" / "val_annotations.txt"
     for number, line in enumerate(annotations.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        file, wnid = line.split("\t")[:2]
-        if wnid not in index or not (folder / "val" / "images" / file).is_file():
-            problem = f"class {wnid!r} has no train/{wnid}/images/" if wnid not in index else f"val/images/{file} is missing"
+        file, wnid = (line.split("\t") + [""])[:2]
+        problem = (f"class {wnid!r} has no train/{wnid}/images/" if wnid not in index else
+                   f"val/images/{file} is missing" if not (folder / "val" / "images" / file).is_file() else None)
+        if problem:
             raise DataError(f"dataset=tiny_imagenet: {annotations} line {number}: {problem}")
         val.append((folder / "val" / "images" / file, index[wnid]))
     return _catalog_source("tiny_imagenet", train, train.targets, FileImages(val), classes)
@@ -477,7 +479,8 @@ def load_imagefolder(request: DataRequest) -> Source:
 @registers("synthetic")
 def make_synthetic(request: DataRequest | None = None, num_classes: int = 4, n_train: int = 512, n_test: int = 128,
                    size: int = 32, seed: int = 1234) -> Source:
-    """Learnable class patterns: a smooth random template per class plus pixel noise."""
+    """Learnable class patterns: a smooth random template per class plus pixel noise (the registry's loader:
+    `request` only names the dataset; the patterns are fixed by the other arguments)."""
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 1, size=(num_classes, 1, 4, 4))  # (K, 1, 4, 4)
     templates = torch.nn.functional.interpolate(torch.from_numpy(coarse), size=(size, size),
@@ -560,34 +563,38 @@ def load_torchvision(request: DataRequest) -> Source:
     """A `torchvision:CLASS[:KEY=VALUE...]` dataset (see the module docstring for the rule)."""
     cls, kwargs, params = _torchvision_class(request)
     root = request.root
+
+    def construct(choice: dict[str, Any]) -> Dataset:
+        """The class on the files under `root`, downloading them when they are missing and that is allowed."""
+        args = dict(root=str(root), **kwargs, **choice)
+        try:
+            return cls(**args, **({"download": False} if "download" in params else {}))
+        except (RuntimeError, OSError):
+            if not (request.download and "download" in params):
+                raise
+        return cls(**args, download=True)
+
+    def open_split(choice: dict[str, Any], fallback: dict[str, Any] | None = None) -> Dataset:
+        """One split; `fallback` when the class has no split of the first name (no "test": "val")."""
+        try:
+            return construct(choice)
+        except ValueError as exc:
+            if fallback is not None and "split" in str(exc):
+                return open_split(fallback)
+            raise DataError(f"invalid dataset={request.name!r}: {str(exc).splitlines()[0][:200]}") from None
+        except Exception as exc:  # noqa: BLE001 - files missing or unreadable, or the download failed
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+            raise DataError(f"dataset={request.name}: files not found or unreadable under {root} (expected the "
+                            f"layout torchvision.datasets.{cls.__name__} reads, what its download writes; "
+                            f"it said {reason}); put the files there or pass --data-dir DIR") from None
+
     if "train" in params:
-        train_args, test_args = [dict(train=True)], [dict(train=False)]
+        train_raw = open_split(dict(train=True))
+        test_raw = open_split(dict(train=False))
     else:
         default = params["split"].default
-        first = kwargs.pop("split", default if isinstance(default, str) else "train")
-        train_args, test_args = [dict(split=first)], [dict(split="test"), dict(split="val")]
-
-    def make(choices: list[dict[str, Any]]) -> Dataset:
-        for i, choice in enumerate(choices):
-            args = dict(root=str(root), **kwargs, **choice)
-            try:
-                try:
-                    return cls(**args, **({"download": False} if "download" in params else {}))
-                except (RuntimeError, FileNotFoundError, OSError):
-                    if not (request.download and "download" in params):
-                        raise
-                    return cls(**args, download=True)
-            except ValueError as exc:  # a split the class does not have: try the next name for it
-                if i == len(choices) - 1 or "split" not in str(exc):
-                    raise DataError(f"invalid dataset={request.name!r}: {str(exc).splitlines()[0][:200]}") from None
-            except Exception as exc:  # noqa: BLE001 - files missing or unreadable, or the download failed
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
-                raise DataError(f"dataset={request.name}: files not found or unreadable under {root} (expected the "
-                                f"layout torchvision.datasets.{cls.__name__} reads, what its download writes; "
-                                f"it said {reason}); put the files there or pass --data-dir DIR") from None
-        raise AssertionError("unreachable")
-
-    train_raw, test_raw = make(train_args), make(test_args)
+        train_raw = open_split(dict(split=kwargs.pop("split", default if isinstance(default, str) else "train")))
+        test_raw = open_split(dict(split="test"), fallback=dict(split="val"))
     train, train_targets = _wrap(request.name, train_raw)
     test, _ = _wrap(request.name, test_raw)
     native = max(train[0][0].shape[-2:])
@@ -626,7 +633,8 @@ def _wrap(name: str, dataset: Dataset) -> tuple[Dataset, np.ndarray]:
     data = getattr(dataset, "data", None)
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
-    if isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and len(data) == len(labels) and data.ndim in (3, 4):
+    if (isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and len(data) == len(labels)
+            and data.ndim in (3, 4)):
         first = lazy[0][0]
         candidates = [data.unsqueeze(1)] if data.ndim == 3 else [data.permute(0, 3, 1, 2), data]
         for images in candidates:  # (N, H, W) | (N, H, W, C) | (N, C, H, W)

@@ -151,7 +151,7 @@ def test_fractaldb_pretraining_then_fine_tuning(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, needle", [
     (["--model", "vgg16"], "model='vgg16'"),
-    (["--dataset", "mnist"], "dataset='mnist'"),
+    (["--dataset", "imagenet21k"], "dataset='imagenet21k'"),
     (["--train-fraction", "1.5"], "train_fraction=1.5"),
     (["--max-steps", "0"], "max_steps=0"),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent"], "dataset=imagefolder"),
