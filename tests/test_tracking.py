@@ -342,3 +342,10 @@ def test_sync_finds_the_offline_runs_and_declares_their_lineage(tmp_path: Path) 
 def test_make_sync_runs_the_sync_command() -> None:
     makefile = (REPO / "Makefile").read_text()
     assert "\nsync: install ## " in makefile and "-m experiments.tracking sync" in makefile
+
+
+# ------------------------------------------------------------------ sweep files and the analysis side
+def test_every_sweep_file_logs_to_the_suites_project() -> None:
+    paths = sorted((REPO / "experiments" / "sweeps").rglob("*.yaml"))
+    assert paths and {p.name: yaml.safe_load(p.read_text()).get("project") for p in paths} == {
+        p.name: wandb_mode.DEFAULT_PROJECT for p in paths}
