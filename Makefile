@@ -50,7 +50,7 @@ sweep: install data ## Run a sweep (SWEEP=default EXECUTOR=local|slurm), then th
 	@status=0; $(PY) -m experiments.sweep experiments/sweeps/$(SWEEP).yaml --executor $(EXECUTOR) \
 		--max-parallel $(MAX_PARALLEL) --runs-dir $(RUNS) $(SWEEP_ARGS) || status=$$?; \
 	if [ $$status -ne 2 ] && [ "$(EXECUTOR)" = local ]; then \
-		$(PY) -m analysis report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS) || exit $$?; \
+		$(PY) -m analysis report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS) --wandb auto || exit $$?; \
 	fi; exit $$status
 
 sweep-dry: install ## Print the runs a sweep would launch and which are done

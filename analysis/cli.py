@@ -3,7 +3,7 @@
     python -m analysis collect --sweep NAME [--runs-dir runs] [--results-dir results] [--from-wandb ENTITY/PROJECT]
     python -m analysis tables  --sweep NAME [same options]
     python -m analysis plots   --sweep NAME [same options]
-    python -m analysis report  --sweep NAME [same options] [--wandb off|offline|online]
+    python -m analysis report  --sweep NAME [same options] [--wandb off|auto|offline|online]
 
 `collect` writes `results/SWEEP/runs.csv`, `tables` the tables, `plots` the
 figures, `report` all of them and `report.md`. A sweep without runs is one
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from analysis import collect, plots, report, tables
 from analysis.collect import Collection
+from common.wandb_mode import ModeError
 
 
 def _collect(args: argparse.Namespace, collection: Collection) -> str:
@@ -73,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--from-wandb", metavar="ENTITY/PROJECT", default=None,
                        help="read the runs from W&B (group = SWEEP) instead of runs/")
         if name == "report":
-            p.add_argument("--wandb", choices=("off", "offline", "online"), default="off",
-                           help="also log tables and figures to one W&B report run (default: off)")
+            p.add_argument("--wandb", choices=("off", "auto", "offline", "online"), default="off",
+                           help="also log tables and figures to one W&B report run (default: off; auto: as the "
+                                "runs were logged, WANDB_MODE first)")
     return parser
 
 
@@ -94,5 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no runs for sweep {args.sweep!r} in {where} "
               f"({len(collection.skipped)} unreadable result.json files)", file=sys.stderr)
         return 2
-    print(args.run(args, collection))
+    try:
+        print(args.run(args, collection))
+    except ModeError as exc:  # bad input: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0

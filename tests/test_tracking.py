@@ -14,9 +14,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 
+from analysis import collect, report
 from common import wandb_mode
 from experiments import tracking
 from experiments.rundir import RunDir
@@ -349,3 +351,56 @@ def test_every_sweep_file_logs_to_the_suites_project() -> None:
     paths = sorted((REPO / "experiments" / "sweeps").rglob("*.yaml"))
     assert paths and {p.name: yaml.safe_load(p.read_text()).get("project") for p in paths} == {
         p.name: wandb_mode.DEFAULT_PROJECT for p in paths}
+
+
+def test_from_wandb_leaves_out_the_report_run() -> None:
+    from analysis_fixtures import SWEEP, make_result
+
+    runs = [SimpleNamespace(id=r["run_id"], state="finished", job_type="train", config=r["spec"], summary={"result": r})
+            for r in (make_result("resnet50", 0.1, 0, 0.8), make_result("vit_tiny_p8", 0.1, 0, 0.7))]
+    runs.append(SimpleNamespace(id="rep", state="finished", job_type="report", config={}, summary={"table": 1}))
+    queries = []
+
+    def fake_runs(path: str, filters: dict[str, Any] | None = None) -> list[SimpleNamespace]:
+        queries.append(filters)
+        return runs
+
+    collection = collect.from_wandb("me/proj", SWEEP, api=SimpleNamespace(runs=fake_runs))
+    assert queries == [{"group": SWEEP}]
+    assert len(collection.runs) == 2 and collection.skipped == ()
+
+
+@pytest.mark.parametrize("modes, env, expected", [
+    (["off", "off"], "online", "off"),  # the runs had no W&B: neither has the report
+    (["offline", "offline"], None, "offline"),
+    (["auto", "auto"], "disabled", "off"),
+    (["auto", "off"], "offline", "offline"),
+])
+def test_the_reports_auto_mode_follows_the_runs(monkeypatch: pytest.MonkeyPatch, modes: list[str], env: str | None,
+                                                expected: str) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    if env:
+        monkeypatch.setenv("WANDB_MODE", env)
+    assert report.report_wandb_mode("auto", pd.DataFrame({"spec/wandb": modes})) == expected
+    assert report.report_wandb_mode("online", pd.DataFrame({"spec/wandb": modes})) == "online"
+
+
+def test_the_report_with_a_bad_wandb_mode_is_one_line_and_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from analysis_fixtures import SWEEP, small_sweep, write_runs
+
+    from analysis import cli
+
+    write_runs(tmp_path / "runs", small_sweep())
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    argv = ["report", "--sweep", SWEEP, "--runs-dir", str(tmp_path / "runs"), "--results-dir",
+            str(tmp_path / "results"), "--wandb", "auto"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == "error: invalid WANDB_MODE='sometimes' (allowed: online | offline | disabled)\n"
+    assert not (tmp_path / "results").exists()
+
+
+def test_make_sweep_logs_the_report_to_wandb_as_the_runs() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    sweep = makefile[makefile.index("\nsweep:"):makefile.index("\nsweep-dry:")]
+    assert "-m analysis report" in sweep and "--wandb auto" in sweep
