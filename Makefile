@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: help install data test test-slow test-all sweep sweep-dry plots tables report train-cpu clean
+.PHONY: sync agent
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
@@ -49,7 +50,7 @@ sweep: install data ## Run a sweep (SWEEP=default EXECUTOR=local|slurm), then th
 	@status=0; $(PY) -m experiments.sweep experiments/sweeps/$(SWEEP).yaml --executor $(EXECUTOR) \
 		--max-parallel $(MAX_PARALLEL) --runs-dir $(RUNS) $(SWEEP_ARGS) || status=$$?; \
 	if [ $$status -ne 2 ] && [ "$(EXECUTOR)" = local ]; then \
-		$(PY) -m analysis report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS) || exit $$?; \
+		$(PY) -m analysis report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS) --wandb auto || exit $$?; \
 	fi; exit $$status
 
 sweep-dry: install ## Print the runs a sweep would launch and which are done
@@ -69,3 +70,17 @@ train-cpu: install data ## One CPU-profile run of each net (MODEL=..., FRACTION=
 
 clean: ## Remove runs/ and results/ (keeps .venv)
 	rm -rf $(RUNS) $(RESULTS)
+
+# W&B: offline runs (no credentials, or WANDB_MODE=offline) are uploaded by `make sync`; a W&B sweep made with
+# `.venv/bin/wandb sweep experiments/sweeps/$(SWEEP).yaml` is run by `make agent SWEEP_ID=...`, whose
+# `${interpreter}` (a bare `python`) is then this .venv's.
+SWEEP_ID ?=
+COUNT ?=
+
+sync: install ## Upload every offline W&B run (runs/, results/) with wandb sync, then their lineage
+	$(PY) -m experiments.tracking sync --runs-dir $(RUNS) --results-dir $(RESULTS)
+
+agent: install ## Run a W&B sweep agent in .venv (SWEEP_ID=ENTITY/PROJECT/ID from wandb sweep; COUNT=N runs)
+	@if [ -z "$(SWEEP_ID)" ]; then echo "make agent: SWEEP_ID not set (allowed: ENTITY/PROJECT/ID, printed by" \
+		"$(VENV)/bin/wandb sweep experiments/sweeps/$(SWEEP).yaml)" >&2; exit 2; fi
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/wandb agent $(if $(COUNT),--count $(COUNT)) $(SWEEP_ID)

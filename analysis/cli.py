@@ -3,10 +3,12 @@
     python -m analysis collect --sweep NAME [--runs-dir runs] [--results-dir results] [--from-wandb ENTITY/PROJECT]
     python -m analysis tables  --sweep NAME [same options]
     python -m analysis plots   --sweep NAME [same options]
-    python -m analysis report  --sweep NAME [same options] [--wandb off|offline|online]
+    python -m analysis report  --sweep NAME [same options] [--wandb off|auto|offline|online]
+    python -m analysis dashboard --sweep NAME [same options] [--entity E] [--project P] [--dry-run]
 
 `collect` writes `results/SWEEP/runs.csv`, `tables` the tables, `plots` the
-figures, `report` all of them and `report.md`. A sweep without runs is one
+figures, `report` all of them and `report.md`; `dashboard` builds a W&B Report
+for the sweep's W&B runs (`analysis.dashboard`). A sweep without runs is one
 line on stderr and exit code 2, with nothing written. A partly finished sweep
 is reported as far as it goes: its `sweep.json` says what is still missing.
 """
@@ -19,8 +21,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from analysis import collect, plots, report, tables
+from analysis import collect, dashboard, plots, report, tables
 from analysis.collect import Collection
+from common.wandb_mode import ModeError
 
 
 def _collect(args: argparse.Namespace, collection: Collection) -> str:
@@ -50,12 +53,21 @@ def _report(args: argparse.Namespace, collection: Collection) -> str:
     return f"report -> {path}"
 
 
+def _dashboard(args: argparse.Namespace, collection: Collection) -> str:
+    entity, project = dashboard.where(args.entity, args.project, args.from_wandb)
+    built = dashboard.build(collection, args.sweep, entity, project)
+    if args.dry_run:
+        return dashboard.outline(built) + "\ndry run: the report was not saved"
+    return f"dashboard -> {dashboard.save(built)}"
+
+
 # subcommand -> (what it does, the function that does it and returns the line to print)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace, Collection], str]]] = {
     "collect": ("Collect the sweep's result.json files into results/SWEEP/runs.csv.", _collect),
     "tables": ("Regenerate the sweep's tables (Markdown and LaTeX).", _tables),
     "plots": ("Regenerate the sweep's figures (PNG and PDF).", _plots),
     "report": ("Collect the sweep and write its tables, figures and report.md.", _report),
+    "dashboard": ("Build a W&B Report (dashboard) of the sweep's W&B runs and save it.", _dashboard),
 }
 
 
@@ -73,8 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--from-wandb", metavar="ENTITY/PROJECT", default=None,
                        help="read the runs from W&B (group = SWEEP) instead of runs/")
         if name == "report":
-            p.add_argument("--wandb", choices=("off", "offline", "online"), default="off",
-                           help="also log tables and figures to one W&B report run (default: off)")
+            p.add_argument("--wandb", choices=("off", "auto", "offline", "online"), default="off",
+                           help="also log tables and figures to one W&B report run (default: off; auto: as the "
+                                "runs were logged, WANDB_MODE first)")
+        if name == "dashboard":
+            p.add_argument("--entity", help="W&B entity of the report (default: --from-wandb's, else WANDB_ENTITY)")
+            p.add_argument("--project", help="W&B project (default: --from-wandb's, else WANDB_PROJECT or "
+                                             "vit-vs-cnn)")
+            p.add_argument("--dry-run", action="store_true", help="print the report's outline; save nothing")
     return parser
 
 
@@ -94,5 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no runs for sweep {args.sweep!r} in {where} "
               f"({len(collection.skipped)} unreadable result.json files)", file=sys.stderr)
         return 2
-    print(args.run(args, collection))
+    try:
+        print(args.run(args, collection))
+    except (ModeError, dashboard.DashboardError) as exc:  # bad input: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except dashboard.SaveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0

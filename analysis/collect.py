@@ -336,8 +336,11 @@ def wandb_record(run: Any, sweep: str) -> dict[str, Any]:
     return record
 
 
+REPORT_JOB_TYPE = "report"  # the W&B run `analysis report --wandb` logs the tables and figures to
+
+
 def from_wandb(path: str, sweep: str, api: Any = None) -> Collection:
-    """Read a sweep's runs from W&B: `api.runs(path, filters={"group": sweep})`.
+    """Read a sweep's runs from W&B: the runs of group `sweep`, except the report's own (job type "report").
 
     Args:
         path: "ENTITY/PROJECT".
@@ -352,7 +355,8 @@ def from_wandb(path: str, sweep: str, api: Any = None) -> Collection:
         import wandb
 
         api = wandb.Api()
-    runs = sorted(api.runs(path, filters={"group": sweep}), key=lambda r: r.id)
+    found = api.runs(path, filters={"group": sweep})
+    runs = sorted((r for r in found if getattr(r, "job_type", None) != REPORT_JOB_TYPE), key=lambda r: r.id)
     collection = read_records((f"wandb:{path}/{r.id}", wandb_record(r, sweep)) for r in runs)
     return Collection(collection.runs, collection.skipped, None,
                       f"read from W&B: {PLAN_FILE} is not there, the expected runs are unknown", f"W&B {path}")

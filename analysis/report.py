@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from analysis.outputs import (condition_key, condition_label, conditions_in_orde
 from analysis.tables import Table
 from common import files
 from common.schema import PLACEMENT_FIELDS
+from common.wandb_mode import project as wandb_project
+from common.wandb_mode import resolve as resolve_wandb_mode
 
 MIN_EVALS = 8  # the protocol's fewest validation evaluations to choose a checkpoint from
 # Spec fields that describe the net, not the recipe: they may differ between a ViT and a CNN.
@@ -608,12 +609,31 @@ def build_report(collection: Collection, sweep: str, built: list[Table], table_s
 
 
 # --------------------------------------------------------------- W&B
-def log_to_wandb(mode: str, sweep: str, built: list[Table], figures: dict[str, list[Path]]) -> None:
-    """Log the tables and figures to one W&B run (job_type "report", group SWEEP)."""
+def report_wandb_mode(requested: str, runs: pd.DataFrame) -> str:
+    """The report run's W&B mode: as asked, or for `auto` the runs' own: off when every run had W&B off, their
+    one explicit mode (online | offline) when they share it, else what a run's `auto` resolves to here
+    (WANDB_MODE, else online with credentials, else offline).
+
+    Raises:
+        common.wandb_mode.ModeError: `auto` and WANDB_MODE holds a value W&B does not know.
+    """
+    if requested != "auto":
+        return requested
+    modes = set(runs["spec/wandb"].dropna()) if "spec/wandb" in runs else set()
+    if modes and modes <= {"off"}:
+        return "off"
+    if len(modes - {"off"}) == 1 and "auto" not in modes:
+        return (modes - {"off"}).pop()
+    return resolve_wandb_mode("auto")
+
+
+def log_to_wandb(mode: str, sweep: str, built: list[Table], figures: dict[str, list[Path]], folder: Path) -> None:
+    """Log the tables and figures to one W&B run (job_type "report", group SWEEP); its files (offline: what
+    `make sync` uploads) in `folder/wandb/`."""
     import wandb
 
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "vit-vs-cnn"), job_type="report", group=sweep,
-                     name=f"{sweep}-report", mode=mode)
+    run = wandb.init(project=wandb_project(), job_type="report", group=sweep, name=f"{sweep}-report", mode=mode,
+                     dir=str(folder))
     payload = {t.name: wandb.Table(columns=t.header, data=[[c.text for c in row] for row in t.rows]) for t in built}
     payload.update({name: wandb.Image(str(paths[0])) for name, paths in figures.items()})
     run.log(payload)
@@ -650,7 +670,8 @@ def write_all_figures(collection: Collection, out_dir: Path,
 
 def make_report(collection: Collection, sweep: str, results_dir: Path | str, wandb_mode: str = "off",
                 runs_dir: Path | str | None = None) -> Path:
-    """Write runs.csv, tables, figures and report.md for one sweep (and log them to W&B unless off).
+    """Write runs.csv, tables, figures and report.md for one sweep (and log them to W&B unless `wandb_mode`,
+    resolved by `report_wandb_mode`, is off).
 
     `runs_dir` holds the runs' folders (their predictions, robustness and explain files feed the
     generalization tables and figures); None when the runs came from W&B, which has no such files.
@@ -658,6 +679,7 @@ def make_report(collection: Collection, sweep: str, results_dir: Path | str, wan
     Returns:
         The path of report.md.
     """
+    mode = report_wandb_mode(wandb_mode, collection.runs)  # a bad WANDB_MODE fails before anything is written
     out = Path(results_dir) / sweep
     collect.save_runs(collection.runs, results_dir, sweep)
     files_dir = Path(runs_dir) if runs_dir is not None else None
@@ -665,6 +687,6 @@ def make_report(collection: Collection, sweep: str, results_dir: Path | str, wan
     figures, figure_skips = write_all_figures(collection, out / plots.FOLDER, files_dir)
     text = build_report(collection, sweep, built, table_skips, figures, figure_skips, files_dir)
     path = files.write_text(out / "report.md", text)
-    if wandb_mode != "off":
-        log_to_wandb(wandb_mode, sweep, built, figures)
+    if mode != "off":
+        log_to_wandb(mode, sweep, built, figures, out)
     return path

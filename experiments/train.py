@@ -37,6 +37,7 @@ import yaml
 
 from common.files import Busy, atomic_write
 from common.schema import SCHEMA_VERSION
+from experiments import tracking
 from experiments.rundir import RunDir, ddp_rank
 from experiments.spec import PROFILES, RunSpec, SpecError
 from lightning_modules.catalog import DATASETS, MODELS
@@ -68,32 +69,6 @@ def versions() -> dict[str, str]:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "lightning": lightning.__version__, "timm": timm.__version__}
-
-
-# ------------------------------------------------------------------ W&B
-def wandb_mode(requested: str) -> str:
-    """auto -> online when credentials exist, else offline (never prompts, never fails)."""
-    if requested != "auto":
-        return requested
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path.home() / ".netrc"
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
-
-
-def wandb_logger(spec: RunSpec, run_dir: Path, mode: str) -> Any:
-    """WandbLogger with the spec as config, the sweep as group and filterable tags."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    tags = [spec.model, spec.arch, spec.dataset, f"fraction={spec.train_fraction:g}",
-            f"pretraining={spec.pretraining}", f"profile={spec.profile}", spec.role]
-    name = f"{spec.model}-{spec.dataset}-f{spec.train_fraction:g}-{spec.pretraining}-s{spec.seed}"
-    config = {**spec.to_dict(), "run_id": spec.run_id, "arch": spec.arch}
-    return WandbLogger(project=os.environ.get("WANDB_PROJECT", "vit-vs-cnn"), group=spec.sweep, name=name,
-                       id=f"{spec.sweep}-{spec.run_id}", tags=tags, config=config, save_dir=str(run_dir),
-                       mode=mode, resume="allow", job_type=spec.role)
 
 
 # ------------------------------------------------------------------ preflight
@@ -256,6 +231,7 @@ def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True,
     done = rundir.completed_result()
     if done is not None:
         return done
+    tracking.mode(spec)  # a bad WANDB_MODE fails here, before anything is written
     prepared, upstream = preflight(spec)  # bad input fails here, before anything is written
     with contextlib.ExitStack() as stack:
         try:
@@ -277,8 +253,14 @@ def ensure_pretrained(upstream: Prepared, runs_dir: Path | str, precision: str |
         RuntimeError: the pretraining run failed or diverged.
     """
     rundir = RunDir.of(runs_dir, upstream.spec)
-    with rundir.lock():
-        result = rundir.completed_result() or train(upstream, rundir, None, precision)
+    if tracking.under_agent() and tracking.mode(upstream.spec) != "off":
+        # `wandb agent` forces its run id on every W&B run of this process: the pretraining run is trained in
+        # a process of its own (which takes the run's lock), so that it is a W&B run of its own
+        tracking.apart_from_agent(run, upstream.spec, runs_dir, True, precision)
+        result = rundir.read_result() or {"status": "failed", "error": "its process ended without a result"}
+    else:
+        with rundir.lock():
+            result = rundir.completed_result() or train(upstream, rundir, None, precision)
     if result.get("status") != "completed":
         raise RuntimeError(f"pretraining run {upstream.spec.run_id} {result.get('status')}: {result.get('error')}")
     return rundir
@@ -308,9 +290,7 @@ def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None,
         record["precision"], record["hardware"] = resolved_precision(spec, precision)
         built = build(prepared, upstream_dir)
         record.update(built.facts)
-        mode = wandb_mode(spec.wandb)
-        if mode != "off":
-            logger_wandb = wandb_logger(spec, rundir.path, mode)
+        logger_wandb = tracking.logger(spec, rundir.path)  # None when W&B is off
         record.update(fit_and_test(spec, built, prepared.datamodule, rundir, logger_wandb, record["precision"]))
     except Exception as exc:  # recorded, not hidden: status + one-line error + error.log
         record["status"] = "diverged" if isinstance(exc, FloatingPointError) else "failed"
@@ -495,23 +475,9 @@ def record_result(record: dict[str, Any], rundir: RunDir, started: datetime, log
     if ddp_rank() > 0:
         return record
     rundir.merge_metrics()
-    if logger_wandb is not None:
-        _finish_wandb(logger_wandb, record)
+    tracking.finish(logger_wandb, record, rundir)
     rundir.write_result(record)
     return record
-
-
-def _finish_wandb(logger: Any, result: dict[str, Any]) -> None:
-    """Mirror the result into the W&B run's summary, then close the run."""
-    experiment = logger.experiment
-    summary = {"status": result["status"], "n_train": result.get("n_train"), "params": result.get("params"),
-               "flops_per_image": result.get("flops_per_image"), "wall_time_s": result.get("wall_time_s"),
-               "train_images_per_s": result.get("train_images_per_s"), "error": result.get("error")}
-    summary.update(result.get("metrics", {}))
-    summary.update({f"selected/{k}": v for k, v in result.get("selected", {}).items()})
-    summary["result"] = result  # the whole record, so analysis --from-wandb matches result.json
-    experiment.summary.update({k: v for k, v in summary.items() if v is not None})
-    experiment.finish()
 
 
 # ------------------------------------------------------------------ CLI
