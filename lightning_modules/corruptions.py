@@ -228,28 +228,33 @@ def frost_texture(side: int, rng: np.random.Generator) -> np.ndarray:
         (side, side) float32 in [0, 1], mostly bright (the haze alone is 0.35-0.75).
     """
     s = side / REFERENCE_SIDE
-    shift = 4  # cv2 sub-pixel bits
+    n, most = 40, 4  # needles, most branches per needle
+    starts = rng.uniform(0, side, size=(n, 1, 2))  # (n, 1, 2) x, y
+    angles = rng.uniform(0, 2 * np.pi, size=(n, 1))
+    lengths = rng.uniform(3, 10, size=(n, 1)) * s
+    values = rng.uniform(100, 255, size=n)
+    branches = rng.integers(2, most + 1, size=n)
+    at = rng.uniform(0.2, 0.9, size=(n, most))  # where along the needle each branch starts
+    turns = angles + (rng.integers(0, 2, size=(n, most)) * 2 - 1) * np.pi / 3  # (n, most) +-60 degrees
+    reach = 0.4 * lengths * rng.uniform(0.5, 1.0, size=(n, most))  # (n, most)
+
+    def along(angle: np.ndarray) -> np.ndarray:
+        return np.stack([np.cos(angle), np.sin(angle)], axis=-1)  # (..., 2)
+
+    tips = starts[:, 0] + lengths * along(angles[:, 0])  # (n, 2)
+    roots = starts + (at * lengths)[..., None] * along(angles)  # (n, most, 2)
+    ends = roots + reach[..., None] * along(turns)  # (n, most, 2)
+    shift = 4  # cv2 sub-pixel bits: coordinates in 1/16 px
+    fixed = lambda p: np.rint(p * (1 << shift)).astype(np.int32)  # noqa: E731
+    needles_px, roots_px, ends_px, tips_px = fixed(starts[:, 0]), fixed(roots), fixed(ends), fixed(tips)
     canvas = np.zeros((side, side), dtype=np.uint8)
     thickness = max(1, int(round(s)))
-
-    def line(x0: float, y0: float, angle: float, length: float, value: float) -> None:
-        x1, y1 = x0 + length * np.cos(angle), y0 + length * np.sin(angle)
-        p0 = (int(round(x0 * (1 << shift))), int(round(y0 * (1 << shift))))
-        p1 = (int(round(x1 * (1 << shift))), int(round(y1 * (1 << shift))))
-        cv2.line(canvas, p0, p1, int(value), thickness, cv2.LINE_AA, shift)
-
-    n = 40
-    starts = rng.uniform(0, side, size=(n, 2))  # (n, 2) x, y
-    angles = rng.uniform(0, 2 * np.pi, size=n)
-    lengths = rng.uniform(3, 10, size=n) * s
-    values = rng.uniform(100, 255, size=n)
-    branches = rng.integers(2, 5, size=n)
-    for (x0, y0), angle, length, value, k in zip(starts, angles, lengths, values, branches):
-        line(x0, y0, angle, length, value)
-        at, turn, reach = rng.uniform(0.2, 0.9, size=k), rng.integers(0, 2, size=k) * 2 - 1, rng.uniform(0.5, 1, k)
-        for t, sign, r in zip(at, turn, reach):
-            line(x0 + t * length * np.cos(angle), y0 + t * length * np.sin(angle), angle + sign * np.pi / 3,
-                 0.4 * length * r, 0.8 * value)
+    for j in range(n):
+        cv2.line(canvas, tuple(needles_px[j].tolist()), tuple(tips_px[j].tolist()), float(values[j]), thickness,
+                 cv2.LINE_AA, shift)
+        for b in range(branches[j]):
+            cv2.line(canvas, tuple(roots_px[j, b].tolist()), tuple(ends_px[j, b].tolist()), 0.8 * float(values[j]),
+                     thickness, cv2.LINE_AA, shift)
     needles = ndimage.gaussian_filter(canvas.astype(np.float32) / 255, 0.5 * s, mode="nearest")  # (side, side)
     haze = _plasma(side, 1.6, rng)  # (side, side)
     return np.clip(0.35 + 0.4 * haze + 0.6 * needles, 0, 1).astype(np.float32)
