@@ -11,9 +11,9 @@ scikit-image, rejects images under 32 px and uses ImageNet's strengths).
 Where we depart from the original:
 
 - Spatial parameters (blur radii and sigmas, zoom of the snow layer,
-  displacements) are defined at 32 px and scale linearly with side / 32, so
-  a 224 px image gets the same corruption relative to its size (any side
-  >= 8). At 32 px the tables are used as printed.
+  displacements) are defined at 32 px and scale linearly with side / 32
+  (the shorter side), so a 224 px image gets the same corruption relative
+  to its size (any side >= 8). At 32 px the tables are used as printed.
 - ImageMagick's motion blur is rebuilt as its kernel: a one-sided line of
   2 ceil(radius) + 1 taps with Gaussian weights exp(-i^2 / 2 sigma^2).
 - Frost blends photographs of frost in the original; we do not ship them,
@@ -204,16 +204,17 @@ def plasma_fractal(size: int, decay: float, rng: np.random.Generator) -> np.ndar
     return grid / grid.max()
 
 
-def _plasma(side: int, decay: float, rng: np.random.Generator) -> np.ndarray:
-    """A plasma fractal covering a side x side image (made at the next power of two, resized)."""
+def _plasma(h: int, w: int, decay: float, rng: np.random.Generator) -> np.ndarray:
+    """A plasma fractal covering an (H, W) image: made at the next power of two >= max(H, W), resized, cropped."""
+    side = max(h, w)
     size = 1 << max(1, (side - 1).bit_length())
     plasma = plasma_fractal(size, decay, rng).astype(np.float32)  # (size, size)
     if size != side:
         plasma = cv2.resize(plasma, (side, side), interpolation=cv2.INTER_AREA)  # (side, side)
-    return plasma
+    return plasma[:h, :w]
 
 
-def frost_texture(side: int, rng: np.random.Generator) -> np.ndarray:
+def frost_texture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """A procedural frost texture: ice needles with side branches over a bright plasma haze.
 
     Stands in for the frost photographs of the original (not shipped). At 32
@@ -221,15 +222,15 @@ def frost_texture(side: int, rng: np.random.Generator) -> np.ndarray:
     a haze between 0.35 and 0.75; lengths and line width scale with side / 32.
 
     Args:
-        side: image side in pixels.
+        h, w: image size in pixels.
         rng: the generator (the texture is a pure function of its state).
 
     Returns:
-        (side, side) float32 in [0, 1], mostly bright (the haze alone is 0.35-0.75).
+        (H, W) float32 in [0, 1], mostly bright (the haze alone is 0.35-0.75).
     """
-    s = side / REFERENCE_SIDE
+    s = min(h, w) / REFERENCE_SIDE
     n, most = 40, 4  # needles, most branches per needle
-    starts = rng.uniform(0, side, size=(n, 1, 2))  # (n, 1, 2) x, y
+    starts = rng.uniform(0, 1, size=(n, 1, 2)) * [w, h]  # (n, 1, 2) x, y
     angles = rng.uniform(0, 2 * np.pi, size=(n, 1))
     lengths = rng.uniform(3, 10, size=(n, 1)) * s
     values = rng.uniform(100, 255, size=n)
@@ -247,7 +248,7 @@ def frost_texture(side: int, rng: np.random.Generator) -> np.ndarray:
     shift = 4  # cv2 sub-pixel bits: coordinates in 1/16 px
     fixed = lambda p: np.rint(p * (1 << shift)).astype(np.int32)  # noqa: E731
     needles_px, roots_px, ends_px, tips_px = fixed(starts[:, 0]), fixed(roots), fixed(ends), fixed(tips)
-    canvas = np.zeros((side, side), dtype=np.uint8)
+    canvas = np.zeros((h, w), dtype=np.uint8)
     thickness = max(1, int(round(s)))
     for j in range(n):
         cv2.line(canvas, tuple(needles_px[j].tolist()), tuple(tips_px[j].tolist()), float(values[j]), thickness,
@@ -255,8 +256,8 @@ def frost_texture(side: int, rng: np.random.Generator) -> np.ndarray:
         for b in range(branches[j]):
             cv2.line(canvas, tuple(roots_px[j, b].tolist()), tuple(ends_px[j, b].tolist()), 0.8 * float(values[j]),
                      thickness, cv2.LINE_AA, shift)
-    needles = ndimage.gaussian_filter(canvas.astype(np.float32) / 255, 0.5 * s, mode="nearest")  # (side, side)
-    haze = _plasma(side, 1.6, rng)  # (side, side)
+    needles = ndimage.gaussian_filter(canvas.astype(np.float32) / 255, 0.5 * s, mode="nearest")  # (H, W)
+    haze = _plasma(h, w, 1.6, rng)  # (H, W)
     return np.clip(0.35 + 0.4 * haze + 0.6 * needles, 0, 1).astype(np.float32)
 
 
@@ -373,7 +374,7 @@ def frost(x: Batch, params: tuple[float, float], rngs: Rngs, scale: float) -> Ba
     image_weight, frost_weight = params
 
     def blend(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        texture = frost_texture(im.shape[0], rng)[..., None]  # (H, W, 1)
+        texture = frost_texture(im.shape[0], im.shape[1], rng)[..., None]  # (H, W, 1)
         if im.shape[-1] == 3:
             texture = texture * FROST_TINT  # (H, W, 3)
         return image_weight * im + frost_weight * texture
@@ -387,7 +388,7 @@ def fog(x: Batch, params: tuple[float, float], rngs: Rngs, scale: float) -> Batc
 
     def fogged(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         peak = im.max()
-        im = im + strength * _plasma(im.shape[0], decay, rng)[..., None]  # (H, W, C)
+        im = im + strength * _plasma(im.shape[0], im.shape[1], decay, rng)[..., None]  # (H, W, C)
         return im * peak / (peak + strength)
 
     return _each(x, rngs, fogged)
@@ -599,12 +600,14 @@ def cache_path(dataset: str, images: torch.Tensor, indices: np.ndarray, seed: in
                cache_dir: str | os.PathLike | None = None) -> Path:
     """Where `corrupted_set` keeps one corruption of this set of images.
 
-    `<cache_dir>/<dataset>_<side>px_c<C>_<indices hash>_seed<seed>_v<CODE_VERSION>/<name>.npz`:
-    one folder per corrupted set, one file per corruption.
+    `<cache_dir>/<dataset>_<side>px_c<C>_<indices hash>_seed<seed>_v<CODE_VERSION>/<name>.npz`
+    (`<H>x<W>px` for non-square images): one folder per corrupted set, one
+    file per corruption.
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    side, channels = images.shape[-1], images.shape[1]
-    key = f"{dataset}_{side}px_c{channels}_{indices_hash(indices)}_seed{seed}_v{CODE_VERSION}"
+    h, w = images.shape[-2:]
+    size = f"{h}px" if h == w else f"{h}x{w}px"
+    key = f"{dataset}_{size}_c{images.shape[1]}_{indices_hash(indices)}_seed{seed}_v{CODE_VERSION}"
     return folder / key / f"{name}.npz"
 
 

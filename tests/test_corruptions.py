@@ -25,11 +25,12 @@ from lightning_modules.corruptions import (
 torch.set_num_threads(1)
 
 
-def smooth_images(n: int, channels: int, side: int = 32, seed: int = 0) -> torch.Tensor:
-    """(n, C, side, side) uint8: smooth waves plus a disc and a gradient, mid-grey on average, no saturation."""
+def smooth_images(n: int, channels: int, side: int = 32, seed: int = 0, width: int | None = None) -> torch.Tensor:
+    """(n, C, side, width) uint8: smooth waves plus a disc and a gradient, mid-grey on average, no saturation."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:side, 0:side] / side
-    images = np.empty((n, channels, side, side))
+    width = width or side
+    y, x = np.mgrid[0:side, 0:width] / np.array([side, width])[:, None, None]
+    images = np.empty((n, channels, side, width))
     for i in range(n):
         for c in range(channels):
             fx, fy, px, py = rng.uniform(1, 3), rng.uniform(1, 3), *rng.uniform(0, 2 * np.pi, 2)
@@ -92,11 +93,11 @@ def test_elastic_local_field_grows_with_severity():
 
 
 @pytest.mark.parametrize("name", CORRUPTION_NAMES)
-def test_grey_stays_grey_and_other_sides_work(name):
-    for side in (8, 40):
-        images = smooth_images(2, 1, side)
+def test_grey_stays_grey_and_other_sizes_work(name):
+    for side, width in ((8, 8), (40, 40), (24, 36)):
+        images = smooth_images(2, 1, side, width=width)
         out = corrupt(images, name, 5, seed=0)
-        assert out.shape == (2, 1, side, side) and out.dtype == torch.uint8
+        assert out.shape == (2, 1, side, width) and out.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("name", sorted(RANDOM_CORRUPTIONS))
