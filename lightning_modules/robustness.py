@@ -314,6 +314,18 @@ def evaluate_robustness(
         corruptions.check_name(name)
     for severity in severities:
         corruptions.check_severity(severity)
+    height, width = transform(images[:1]).shape[-2:]  # the net's input
+    side = min(height, width)
+    for fraction in occlusion_fractions:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"invalid occlusion fraction={fraction!r} (allowed: 0 <= fraction <= 1)")
+    if len(occlusion_fractions):
+        _check_grid(occlusion_grid, side, "occlusion_grid")
+    if shuffle_grid is not None:
+        _check_grid(shuffle_grid, side, "shuffle_grid")
+        if height % shuffle_grid or width % shuffle_grid:
+            raise ValueError(f"invalid shuffle_grid={shuffle_grid} for a {height}x{width} input "
+                             "(allowed: a divisor of both sides)")
     if device is None:
         first = next(net.parameters(), None) if isinstance(net, nn.Module) else None
         device = first.device if first is not None else torch.device("cpu")
@@ -349,8 +361,6 @@ def evaluate_robustness(
         result.metrics["corrupt/mean_acc1"] = float(np.mean(cells))
 
     if len(occlusion_fractions):
-        side = min(transform(subset[:1]).shape[-2:])
-        _check_grid(occlusion_grid, side, "occlusion_grid")
         result.metrics["occlusion/grid"] = float(occlusion_grid)
     for fraction in occlusion_fractions:
         masks = occlusion_masks(result.indices, fraction, occlusion_grid, seed)  # (n, g, g)
@@ -361,8 +371,6 @@ def evaluate_robustness(
         result.record(f"occlusion/{_pct(fraction)}/acc1", hidden)
 
     if shuffle_grid is not None:
-        side = min(transform(subset[:1]).shape[-2:])
-        _check_grid(shuffle_grid, side, "shuffle_grid")
         permutations = shuffle_permutations(result.indices, shuffle_grid, seed)  # (n, g^2)
         result.record("shuffle/acc1",
                       correct(subset, lambda x, rows: shuffle_patches(x, permutations[rows], shuffle_grid)))

@@ -239,20 +239,28 @@ def test_evaluate_robustness_uses_official_cifar_c_files(tmp_path):
                             severities=(2,), occlusion_fractions=(), shuffle_grid=None, official_dir=tmp_path)
 
 
-def test_evaluate_robustness_rejects_bad_arguments():
+class Untouchable(nn.Module):
+    """A net that must never be called: bad arguments fail before any work."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("evaluated despite a bad argument")
+
+
+def test_evaluate_robustness_rejects_bad_arguments_before_any_work():
     images, labels = dataset(n=8)
-    net = tiny_cnn(classes=4)
+    net = Untouchable().eval()
     cases = [
         (dict(precision="bf16"), "precision='bf16'"),
         (dict(subset_size=0), "subset_size=0"),
         (dict(names=("rain",)), "corruption='rain'"),
         (dict(severities=(0,)), "severity=0"),
+        (dict(occlusion_fractions=(0.5, 1.5)), "fraction=1.5"),
         (dict(occlusion_grid=33), "occlusion_grid=33"),
         (dict(shuffle_grid=5), "shuffle_grid=5"),
     ]
     for kwargs, field in cases:
         with pytest.raises(ValueError, match="allowed") as err:
-            evaluate_robustness(net, images, labels, EVAL, **({"names": ()} | kwargs))
+            evaluate_robustness(net, images, labels, EVAL, **kwargs)
         assert field in str(err.value)
     with pytest.raises(ValueError, match="training mode"):
         evaluate_robustness(net.train(), images, labels, EVAL, names=())
