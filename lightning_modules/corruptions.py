@@ -569,7 +569,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0,
     index = _check_indices(indices, images.shape[0])
     if images.shape[0] == 0:
         return images.clone()
-    x = images.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255  # (N, H, W, C)
+    x = images.cpu().permute(0, 2, 3, 1).numpy().astype(np.float32) / 255  # (N, H, W, C)
     rngs = image_rngs(name, int(seed), index) if name in RANDOM_CORRUPTIONS else None
     scale = min(images.shape[2:]) / REFERENCE_SIDE
     out = _APPLY[name](x, PARAMS[name][severity - 1], rngs, scale)  # (N, H, W, C)
@@ -592,7 +592,7 @@ def indices_hash(indices: np.ndarray) -> str:
 def _digest(images: torch.Tensor) -> str:
     """SHA-256 of the clean pixels and their shape (a cache built from other pixels is stale)."""
     h = hashlib.sha256(str(tuple(images.shape)).encode())
-    h.update(images.contiguous().numpy().tobytes())
+    h.update(images.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
