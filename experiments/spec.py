@@ -77,7 +77,8 @@ AUGMENTS = ("none", "basic", "randaug")
 WANDB_MODES = ("auto", "online", "offline", "off")
 # Fields added after the first runs, with the defaults that reproduce the behaviour before them: left
 # out of run_id at these values, so the ids of earlier runs do not change.
-LATER_FIELDS: dict[str, Any] = {"patience": 0, "val_fraction": 0.0, "pretrain_epochs": 0.0, "robust_subset": 0}
+LATER_FIELDS: dict[str, Any] = {"patience": 0, "val_fraction": 0.0, "pretrain_epochs": 0.0, "robust_subset": 0,
+                                "explain_images": 0}
 # timm.create_model arguments that the spec sets itself (from dataset, in_chans, drop_path, pretraining).
 SPEC_SET_KWARGS = ("num_classes", "in_chans", "drop_path_rate", "pretrained", "pretrained_cfg_overlay")
 
@@ -100,8 +101,8 @@ class RunSpec:
     `data_seed` (subset, split, order and augmentation) follows `seed` unless
     set, so a cell's spread over seeds covers the data as well as the
     initialisation. Fields added after the first runs (`patience`,
-    `val_fraction`, `pretrain_epochs`, `robust_subset`, the architecture
-    overrides) are left out of `run_id` at their defaults, which reproduce the
+    `val_fraction`, `pretrain_epochs`, `robust_subset`, `explain_images`, the
+    architecture overrides) are left out of `run_id` at their defaults, which reproduce the
     earlier behaviour, so existing run ids stay valid.
     """
 
@@ -144,6 +145,7 @@ class RunSpec:
     val_fraction: float = 0.0
     pretrain_epochs: float = 0.0
     robust_subset: int = 0
+    explain_images: int = 0
     # architecture overrides (None / empty: the registry's net). ViT fields, named as ARCH_FIELDS:
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -304,6 +306,7 @@ class RunSpec:
             mixup_alpha=0.0,
             cutmix_alpha=0.0,
             robust_subset=0,
+            explain_images=0,
         )
 
     @property
@@ -400,6 +403,8 @@ class RunSpec:
                  f"0 for pretraining={v.pretraining} (its size is unknown before loading: set pretrain_steps)")
         need(is_int(v.robust_subset) and v.robust_subset >= 0, "robust_subset",
              "an integer >= 0 (test images under corruption and occlusion; 0 = off)")
+        need(is_int(v.explain_images) and v.explain_images >= 0, "explain_images",
+             "an integer >= 0 (test images for attention maps, receptive fields and Grad-CAM; 0 = off)")
         need(isinstance(v.sweep, str) and v.sweep.replace("_", "").replace("-", "").isalnum(), "sweep",
              "letters, digits, '-' and '_'")
         need(v.data_dir is None or isinstance(v.data_dir, str), "data_dir", "a path or null")

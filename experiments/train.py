@@ -378,6 +378,8 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    from experiments import generalization
+
     out: dict[str, Any] = {}
     if rundir.last_ckpt.is_file():
         out["resumed_at_step"] = int(torch.load(rundir.last_ckpt, map_location="cpu", weights_only=True)["global_step"])
@@ -420,9 +422,16 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     metrics = {k: float(v) for k, v in sorted(test.items())}
     metrics["train/acc1"] = float(train_eval["train/acc1"])
     metrics["train/loss"] = train_loss
+    metrics.update(generalization.calibration(built.module.kept_logits))
     if ddp_rank() == 0:
         write_predictions(rundir, built.module.kept_logits)
         out["predictions"] = rundir.predictions.name
+        if spec.robust_subset:
+            metrics.update(generalization.robustness(built.module.net, datamodule, spec.robust_subset, precision,
+                                                     rundir))
+            out["robustness"] = rundir.robustness.name
+        if spec.explain_images:
+            generalization.explain(built.module.net, datamodule, spec.explain_images, rundir)
         if spec.role == "pretrain":
             state = built.module.net.state_dict()
             atomic_write(rundir.model_pt, lambda fh: torch.save(state, fh))
@@ -453,18 +462,16 @@ def write_predictions(rundir: RunDir, kept: dict[str, tuple[Any, Any]]) -> None:
     """predictions.npz: the selected checkpoint's float16 logits and the targets of the test and validation
     splits (`test_logits`, `test_target`, `test_pred`, `val_logits`, `val_target`), for intervals over test
     images (n = 1 seed), McNemar tests and calibration, read by the torch-free analysis."""
-    import io
-
     import numpy as np
+
+    from experiments.generalization import save_npz
 
     arrays: dict[str, np.ndarray] = {}
     for split, (logits, labels) in kept.items():
         arrays[f"{split}_logits"] = logits.float().numpy().astype(np.float16)  # (N, K)
         arrays[f"{split}_target"] = labels.numpy().astype(np.int64)
     arrays["test_pred"] = kept["test"][0].argmax(dim=1).numpy().astype(np.int64)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write(rundir.predictions, lambda fh: fh.write(buffer.getvalue()))
+    save_npz(rundir.predictions, arrays)
 
 
 def record_result(record: dict[str, Any], rundir: RunDir, started: datetime, logger_wandb: Any) -> dict[str, Any]:
