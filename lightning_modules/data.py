@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 
 from lightning_modules.catalog import DATASETS
 from lightning_modules.datasets import DataError, DataRequest, Normalization, Source, TensorImages, load_source
+from lightning_modules.resumable import ResumableDataLoader
 
 
 # ---------------------------------------------------------------- subsets
@@ -343,10 +344,10 @@ class ImageDataModule(pl.LightningDataModule):
     # -- loaders
     def train_dataloader(self) -> DataLoader:
         batch = min(self.batch_size, self.n_train)
-        return DataLoader(self.train_set, batch_size=batch, sampler=SeededShuffle(self.n_train, self.data_seed),
-                          drop_last=True, num_workers=self.num_workers,
-                          collate_fn=MixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha),
-                          persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(  # a run resumed mid-epoch continues with the next batch
+            self.train_set, batch_size=batch, sampler=SeededShuffle(self.n_train, self.data_seed), drop_last=True,
+            num_workers=self.num_workers, collate_fn=MixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha),
+            persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size * 2, shuffle=False, num_workers=self.num_workers)
