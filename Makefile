@@ -1,15 +1,28 @@
 # vit-vs-cnn: `make sweep` runs the default comparison, `make test` checks the suite.
 # Every target installs what it needs into .venv on first use.
 SHELL := /bin/bash
-PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+
+# Variables (`make TARGET NAME=value`); `make help` lists each with its `## ` line and its default.
+## the Python that creates .venv
+PYTHON ?= python3
+## the sweep: experiments/sweeps/SWEEP.yaml
 SWEEP ?= default
+## local (this machine) or slurm (job arrays through submitit)
 EXECUTOR ?= local
-RUNS ?= runs
-RESULTS ?= results
+## local executor: runs at once, as worker processes sharing the cores
 MAX_PARALLEL ?= 1
+## more experiments.sweep flags, e.g. "--retry-failed -v" or "--partition gpu --array-parallelism 32"
 SWEEP_ARGS ?=
+## where runs are written: RUNS/SWEEP/RUN_ID/
+RUNS ?= runs
+## where reports are written: RESULTS/SWEEP/
+RESULTS ?= results
+## train-cpu: the net
+MODEL ?= resnet50
+## train-cpu: the share of the training set
+FRACTION ?= 1.0
 
 .DEFAULT_GOAL := help
 
@@ -22,19 +35,29 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: help install data test test-slow test-all sweep sweep-dry plots tables report train-cpu clean
 .PHONY: sync agent
 
-help: ## List the targets
+help: ## List the targets and the variables
+	@echo "Targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-11s %s\n", $$1, $$2}'
+	@echo "Variables (make TARGET NAME=value; default in brackets):"
+	@awk '/^## / {doc = substr($$0, 4); next} /^[A-Z_]+ \?=/ && doc != "" {name = $$1; value = $$0; \
+		sub(/^[A-Z_]+ \?= ?/, "", value); printf "  %-13s [%s] %s\n", name, value, doc} {doc = ""}' $(MAKEFILE_LIST)
 
 install: $(VENV)/.installed ## Create .venv with pinned torch==2.14.1 / torchvision==0.29.1 and the suite
 
 data: ## Install Debian's dataset-fashion-mnist when apt is available and the files are missing
 	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
 		echo "Fashion-MNIST: /usr/share/datasets/fashion-mnist/"; \
-	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		(apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null && \
+	elif ! command -v apt-get >/dev/null; then \
+		echo "Fashion-MNIST: no apt here; torchvision downloads it on first use (needs network)"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "Fashion-MNIST: installing Debian's package needs root: run \`sudo make data\`" \
+			"(or sudo apt-get install dataset-fashion-mnist), or let torchvision download it on first use" \
+			"(needs network)"; \
+	elif (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; then \
 		echo "Fashion-MNIST installed from Debian: /usr/share/datasets/fashion-mnist/"; \
 	else \
-		echo "Fashion-MNIST: no Debian package here; torchvision downloads it on first use (needs network)"; \
+		echo "Fashion-MNIST: apt-get could not install dataset-fashion-mnist (not in this system's archive?);" \
+			"torchvision downloads it on first use (needs network)"; \
 	fi
 
 test: install ## Run the test suite (fast tests; no network, no GPU)
@@ -65,8 +88,8 @@ tables: install ## Regenerate the tables of SWEEP from its runs
 report: install ## Regenerate results/SWEEP/ (tables, figures, report.md) from its runs
 	$(PY) -m analysis report --sweep $(SWEEP) --runs-dir $(RUNS) --results-dir $(RESULTS)
 
-train-cpu: install data ## One CPU-profile run of each net (MODEL=..., FRACTION=...)
-	$(PY) -m experiments.train --profile cpu --model $(or $(MODEL),resnet50) --train-fraction $(or $(FRACTION),1.0)
+train-cpu: install data ## One CPU-profile run (MODEL, FRACTION)
+	$(PY) -m experiments.train --profile cpu --model $(MODEL) --train-fraction $(FRACTION)
 
 clean: ## Remove runs/ and results/ (keeps .venv)
 	rm -rf $(RUNS) $(RESULTS)
