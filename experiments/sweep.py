@@ -1,7 +1,7 @@
 """Many runs: a W&B-format sweep file -> validated RunSpecs -> an executor.
 
     python -m experiments.sweep experiments/sweeps/default.yaml [--dry-run] [--max-parallel N]
-        [--retry-failed] [--runs-dir runs]
+        [--retry-failed] [--runs-dir runs] [-v]
     python -m experiments.sweep experiments/sweeps/data_efficiency.yaml --executor slurm \\
         [--partition P] [--account A] [--gpus-per-run G] [--cpus-per-task C] [--mem-gb M]
         [--time-min T] [--array-parallelism K] [--constraint C] [--wait]
@@ -18,7 +18,12 @@ code 2, no torch import). Pretraining runs are scheduled first, once each.
 Completed runs are skipped, interrupted ones resume from their last
 checkpoint, failed or diverged ones are reported and skipped unless
 `--retry-failed`. Several runners on one sweep share the work: a run held by
-another runner is left to it and waited for at the end.
+another runner is left to it and waited for at the end. `--executor slurm`
+submits job arrays instead (`experiments.slurm`).
+
+Output (`experiments.console`): a line per run start and per result, and the
+sweep's progress with its ETA (a live bar on a terminal, a line after each
+run elsewhere); third-party noise only with `-v`.
 
 Exit code: 0 when every run completed (or, on SLURM, was submitted), 1 when
 some failed, diverged or were blocked by a failed pretraining run, 2 on bad
@@ -40,13 +45,18 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
 from common import files
+from experiments import console
+from experiments.console import describe, format_duration
 from experiments.rundir import RunDir
 from experiments.spec import PROFILES, RunSpec, SpecError
+
+if TYPE_CHECKING:
+    from experiments.slurm import Resources
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 3
 METHODS = ("grid", "random")
@@ -54,7 +64,6 @@ METHODS = ("grid", "random")
 TOP_LEVEL_KEYS = ("program", "command", "method", "parameters", "metric", "name", "description", "project",
                   "entity", "run_cap", "early_terminate")
 PARAMETERS = tuple(f.name for f in dataclasses.fields(RunSpec) if f.name != "role")
-SIGNAL_DELAY_S = 120  # SLURM sends USR2 this long before the time limit: submitit requeues the job
 
 
 class SweepError(ValueError):
@@ -279,17 +288,15 @@ def blocked(spec: RunSpec, upstream: Outcome) -> Outcome:
 
 
 # ================================================================== reporting
-def describe(spec: RunSpec) -> str:
-    """`resnet50 fashion_mnist f=0.1 fractaldb s0 (3f9c0a1b2d4e)`."""
-    return f"{spec.model} {spec.dataset} f={spec.train_fraction:g} {spec.pretraining} s{spec.seed} ({spec.run_id})"
-
-
-def format_duration(seconds: float) -> str:
-    """12m30s, 1h05m, 45s."""
-    s = round(seconds)
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+def available_cpus() -> int:
+    """The CPUs this process may use, on any OS: `os.process_cpu_count()` (Python 3.13+), else the affinity
+    mask where the OS has one (Linux), else `os.cpu_count()`."""
+    process_cpu_count = getattr(os, "process_cpu_count", None)
+    if process_cpu_count is not None:
+        return process_cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def plural(n: int, word: str) -> str:
@@ -356,6 +363,10 @@ class Progress:
     the runs trained here took against their estimates, divided by the runs
     in flight at once; without estimates, the mean time of the runs trained
     here times the runs left.
+
+    On a terminal the progress is a live bar (`experiments.console.bars`)
+    whose ETA counts down between runs, and the lines print above it; `close`
+    ends the bar, leaving its last state as a line.
     """
 
     def __init__(self, sweep: Sweep, parallel: int, out: TextIO) -> None:
@@ -365,9 +376,16 @@ class Progress:
         self.durations: list[float] = []
         self.estimates: dict[str, float] = {}
         self._estimated_done: list[tuple[float, float]] = []  # (estimate, actual) of runs trained here
+        self.bars = console.bars(out)
+        self._bar: Any = None
+        self._updated = time.monotonic()  # when the ETA was last computed
 
     def say(self, text: str) -> None:
-        print(f"[{self.sweep.name}] {text}", file=self.out, flush=True)
+        line = f"[{self.sweep.name}] {text}"
+        if self.bars is not None:
+            self.bars.print(line)
+        else:
+            print(line, file=self.out, flush=True)
 
     def record(self, outcome: Outcome, seconds: float | None = None, quiet: bool = False) -> None:
         """Note a run's end; `seconds`: how long it trained, for the ETA (None when it did not train here)."""
@@ -382,13 +400,34 @@ class Progress:
             error = f" · {outcome.result['error']}" if outcome.result and outcome.result.get("error") else ""
             took = f" · {format_duration(seconds)}" if seconds is not None else ""
             self.say(f"{describe(outcome.spec)}: {outcome.status}{acc}{took} · {outcome.note}{error}")
-            self.say(self.line())
+            self.show()
 
     def header(self, what: str) -> None:
-        """The opening line: how many runs, how many need no work."""
+        """The opening line: how many runs, how many need no work (and, on a terminal, the bar)."""
         done, failed, left = self.counts()
         self.say(f"{self.sweep.path}: {plural(self.total, 'run')} ({len(self.sweep.upstream)} pretraining): "
                  f"{done} done, {failed} failed or skipped, {left} {what}")
+        if self.bars is not None:
+            self.show()
+
+    def show(self) -> None:
+        """The progress now: the bar on a terminal, else a line."""
+        self._updated = time.monotonic()
+        if self.bars is None:
+            self.say(self.line())
+            return
+        done, failed, _ = self.counts()
+        if self._bar is None:
+            self._bar = self.bars.add(f"[{self.sweep.name}]", self.total, done + failed, _Countdown(self))
+        else:
+            self.bars.update(self._bar, done + failed, _Countdown(self))
+
+    def close(self) -> None:
+        """End the live bar, if any, with its last state as a line."""
+        if self._bar is not None:
+            self.bars.remove(self._bar)
+            self._bar = None
+            self.say(self.line())
 
     def counts(self) -> tuple[int, int, int]:
         done = sum(o.status == "completed" for o in self.outcomes.values())
@@ -409,14 +448,27 @@ class Progress:
             return sum(self.durations) / len(self.durations) * len(left) / self.parallel
         return None
 
-    def line(self) -> str:
+    def line(self, elapsed: float = 0.0) -> str:
+        """`5/16 done · 0 failed · 11 left · ETA 12m30s`, the ETA less `elapsed` seconds since it was computed."""
         done, failed, left = self.counts()
         eta = self.eta_seconds()
-        return f"{done}/{self.total} done · {failed} failed · {left} left · ETA {'?' if eta is None else format_duration(eta)}"
+        eta_text = "?" if eta is None else format_duration(max(0.0, eta - elapsed))
+        return f"{done}/{self.total} done · {failed} failed · {left} left · ETA {eta_text}"
 
     def summary(self) -> str:
         ordered = [self.outcomes[s.run_id] for s in self.sweep.ordered if s.run_id in self.outcomes]
         return summary_table(self.sweep, ordered)
+
+
+class _Countdown:
+    """A live bar's status: the sweep's progress line, its ETA counting down since it was computed (rich
+    formats it each time it draws the bar)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def __str__(self) -> str:
+        return self.progress.line(time.monotonic() - self.progress._updated)
 
 
 # ================================================================== dry run
@@ -448,8 +500,8 @@ def dry_run(sweep: Sweep, runs_dir: Path, retry_failed: bool, out: TextIO, resou
                           if getattr(resources, k))
         print(f"[{sweep.name}] slurm, per run: {resources.gpus_per_run} GPUs, {sweep.runs[0].devices} tasks, "
               f"{resources.cpus_per_task} cpus per task, {resources.mem_gb} GB, {resources.time_min} min"
-              f"{', ' + where if where else ''}; arrays of at most {resources.array_parallelism} at once, "
-              "training after pretraining (afterok)", file=out)
+              f"{', ' + where if where else ''}; each array at most {resources.array_parallelism} at once; "
+              "each run after its own pretraining job (afterok), the others at once", file=out)
     return 0
 
 
@@ -460,7 +512,7 @@ def write_manifest(sweep: Sweep, runs_dir: Path) -> None:
 
 # ================================================================== local executor
 def _worker(spec_dict: dict[str, Any], runs_dir: str, threads: int, blocking: bool, log_path: str,
-            precision: str) -> None:
+            precision: str, verbose: bool) -> None:
     """A worker process: one run on `threads` threads, its output appended to `log_path`.
 
     Exit code 0 (the run has a result), 2 (bad input, the reason on stderr) or
@@ -470,6 +522,7 @@ def _worker(spec_dict: dict[str, Any], runs_dir: str, threads: int, blocking: bo
     with open(log_path, "a") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+    console.configure(verbose)
     import torch
 
     from experiments import train
@@ -504,7 +557,7 @@ class LocalRunner:
                  out: TextIO = sys.stdout, estimate: bool = True) -> None:
         from experiments.precision import detect, resolve
 
-        cores = len(os.sched_getaffinity(0))
+        cores = available_cpus()
         self.sweep, self.runs_dir, self.retry_failed, self.estimate = sweep, Path(runs_dir), retry_failed, estimate
         self.parallel = max(1, min(parallel, cores))
         self.threads = max(1, cores // self.parallel)
@@ -537,6 +590,7 @@ class LocalRunner:
             for running in self.running.values():  # interrupted: stop the workers (their runs resume later)
                 running.process.terminate()
                 running.process.join()
+            self.progress.close()
         if self.bad_input is not None:
             print(self.bad_input, file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -549,12 +603,16 @@ class LocalRunner:
         from experiments import eta
 
         times: dict[tuple, eta.StepTimes] = {}
+        estimates: dict[str, float] = {}
         eta.measure(queue[0], self.precision[queue[0].run_id])  # discarded: pays the libraries' one-time set-up
         for spec in queue:
             key = eta.net_key(spec, self.precision[spec.run_id])
             if key not in times:
                 times[key] = eta.measure(spec, self.precision[spec.run_id])
-            self.progress.estimates[spec.run_id] = eta.estimate_seconds(spec, times[key]) * self.parallel
+            estimates[spec.run_id] = eta.estimate_seconds(spec, times[key]) * self.parallel
+        self.progress.estimates.update(estimates)
+        if self.progress.bars is not None:  # the bar's ETA counts down from now
+            self.progress.show()
         measured = "; ".join(f"{key[0]} {t.train_step_s:.2f} s/step" for key, t in times.items())
         total = self.progress.eta_seconds() or 0.0
         self.progress.say(f"ETA {format_duration(total)} (at most: runs with patience may stop early), "
@@ -597,9 +655,10 @@ class LocalRunner:
         log.parent.mkdir(parents=True, exist_ok=True)
         process = multiprocessing.get_context("spawn").Process(
             target=_worker, args=(spec.to_dict(), str(self.runs_dir), self.threads, blocking, str(log),
-                                  self.precision[spec.run_id]),
+                                  self.precision[spec.run_id], console.is_verbose()),
             name=f"run-{spec.run_id}")
         process.start()
+        self.progress.say(f"{describe(spec)}: started, output in {log}")
         self.running[process.sentinel] = _Running(spec, process, time.perf_counter(), log)
 
     def _run_here(self, spec: RunSpec, blocking: bool) -> None:
@@ -644,184 +703,6 @@ class LocalRunner:
                                      result), seconds if mine else None)
 
 
-# ================================================================== SLURM executor (submitit)
-@dataclass(frozen=True)
-class Resources:
-    """What one run asks SLURM for (per profile; every field can be overridden on the command line).
-
-    `gpus_per_run` is 0 or the spec's `devices`: a run is one node with
-    `tasks_per_node == devices` processes, as Lightning's DDP expects.
-    """
-
-    gpus_per_run: int
-    cpus_per_task: int
-    mem_gb: int
-    time_min: int
-    array_parallelism: int
-    partition: str | None = None
-    account: str | None = None
-    constraint: str | None = None
-
-
-RESOURCES: dict[str, Resources] = {
-    "cpu": Resources(gpus_per_run=0, cpus_per_task=2, mem_gb=8, time_min=120, array_parallelism=8),
-    "gpu": Resources(gpus_per_run=1, cpus_per_task=8, mem_gb=64, time_min=12 * 60, array_parallelism=32),
-    "cluster": Resources(gpus_per_run=4, cpus_per_task=10, mem_gb=256, time_min=24 * 60, array_parallelism=16),
-}
-
-
-class TrainJob:
-    """One run as a submitit job (DeiT's `run_with_submitit` pattern).
-
-    On preemption or timeout submitit calls `checkpoint`, which requeues the
-    same call; `train.run` then resumes from the run's `last.ckpt`.
-    """
-
-    def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads
-
-    def __call__(self, spec_dict: dict[str, Any], runs_dir: str) -> dict[str, Any]:
-        """Train the run (or return its result); raise when it did not complete, so SLURM marks the job FAILED."""
-        if self.threads:
-            os.environ.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-            import torch
-
-            torch.set_num_threads(self.threads)
-        from experiments import train
-
-        result = train.run(RunSpec.from_dict(spec_dict), runs_dir)
-        if result["status"] != "completed":
-            raise RuntimeError(f"run {result['run_id']} {result['status']}: {result['error']}")
-        return result
-
-    def checkpoint(self, spec_dict: dict[str, Any], runs_dir: str) -> Any:
-        """submitit's hook on preemption/timeout: the same call, requeued."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(TrainJob(self.threads), spec_dict, runs_dir)
-
-
-def resources_for(sweep: Sweep, overrides: dict[str, Any]) -> Resources:
-    """The profile's resources with the command line's overrides, checked against the specs' `devices`."""
-    res = dataclasses.replace(RESOURCES[sweep.profile], **{k: v for k, v in overrides.items() if v is not None})
-    devices = sorted({s.devices for s in sweep.ordered})
-    if len(devices) > 1:
-        raise SweepError(f"{sweep.path}: parameter devices: value {devices} not allowed "
-                         "(allowed: one value per SLURM sweep)")
-    if res.gpus_per_run not in (0, devices[0]):
-        raise SweepError(f"--gpus-per-run: value {res.gpus_per_run} not allowed (allowed: 0 or the runs' devices, "
-                         f"{devices[0]}: one DDP process per GPU; set devices in the sweep file)")
-    return res
-
-
-def executor_parameters(res: Resources, devices: int, name: str, after: list[str]) -> dict[str, Any]:
-    """submitit AutoExecutor parameters for one job array (`after`: job ids it waits for, afterok)."""
-    extra: dict[str, Any] = {"requeue": True}
-    if after:  # a failed pretraining job cancels the array instead of leaving it pending forever
-        extra.update({"dependency": "afterok:" + ":".join(after), "kill-on-invalid-dep": "yes"})
-    params: dict[str, Any] = dict(
-        name=name, nodes=1, tasks_per_node=devices, cpus_per_task=res.cpus_per_task, mem_gb=res.mem_gb,
-        timeout_min=res.time_min, slurm_array_parallelism=res.array_parallelism,
-        slurm_signal_delay_s=SIGNAL_DELAY_S, slurm_additional_parameters=extra)
-    if res.gpus_per_run:
-        params["gpus_per_node"] = res.gpus_per_run
-    for key in ("partition", "account", "constraint"):
-        if getattr(res, key):
-            params[f"slurm_{key}"] = getattr(res, key)
-    return params
-
-
-class SlurmRunner:
-    """Submits a sweep as job arrays through submitit: the pretraining array, then the
-    training array (`afterok` on the pretraining array).
-
-    `cluster` is submitit's: "slurm" (detected when None), or "local" to run
-    the arrays as local processes (all at once, one thread each when the
-    cores are few; the training array then waits for the pretraining one).
-    """
-
-    def __init__(self, sweep: Sweep, runs_dir: Path, resources: Resources, retry_failed: bool = False,
-                 wait: bool = False, cluster: str | None = None, out: TextIO = sys.stdout) -> None:
-        import submitit
-
-        self.cluster = cluster or submitit.AutoExecutor.which()
-        if self.cluster != "slurm" and cluster is None:
-            raise SweepError("--executor slurm: no SLURM here (srun not found) (allowed: --executor local)")
-        self.sweep, self.res, self.retry_failed = sweep, resources, retry_failed
-        self.runs_dir = Path(runs_dir).resolve()  # the jobs may start elsewhere
-        self.wait = wait or self.cluster != "slurm"
-        self.progress = Progress(sweep, resources.array_parallelism, out)
-        self.jobs: list[tuple[Any, RunSpec]] = []
-
-    def run(self) -> int:
-        """Submit (and, with `wait`, follow) the arrays. Returns the exit code."""
-        write_manifest(self.sweep, self.runs_dir)
-        for outcome in initial_outcomes(self.sweep, self.runs_dir, self.retry_failed).values():
-            self.progress.record(outcome, quiet=True)
-        self.progress.header(f"to submit ({self.cluster})")
-        outcomes = self.progress.outcomes
-        upstream = [s for s in self.sweep.upstream if s.run_id not in outcomes]
-        after = self._submit(upstream, f"{self.sweep.name}-pretrain", [])
-        if after and self.cluster != "slurm":  # no scheduler dependency: wait here
-            self._follow()
-            after = []
-        runs = []
-        for spec in self.sweep.runs:
-            ended = blocking_upstream(spec, outcomes)
-            if ended is not None:
-                self.progress.record(blocked(spec, ended))
-            elif spec.run_id not in outcomes:
-                runs.append(spec)
-        self._submit(runs, self.sweep.name, after)
-        if not self.wait:
-            self.progress.say(f"submitted; follow with squeue, or `python -m experiments.sweep {self.sweep.path} "
-                              f"--dry-run --runs-dir {self.runs_dir}`")
-            return 0
-        self._follow()
-        self.progress.say("summary\n" + self.progress.summary())
-        done, failed, left = self.progress.counts()
-        return 0 if failed == left == 0 else EXIT_FAILED
-
-    def _submit(self, specs: list[RunSpec], name: str, after: list[str]) -> list[str]:
-        """Submit `specs` as one array; return its job id ([] when there is nothing to submit)."""
-        if not specs:
-            return []
-        import submitit
-
-        executor = submitit.AutoExecutor(folder=self.runs_dir / self.sweep.name / ".submitit" / "%j",
-                                         cluster=self.cluster)
-        executor.update_parameters(**executor_parameters(self.res, specs[0].devices, name, after))
-        cores = len(os.sched_getaffinity(0))
-        job = TrainJob(self.res.cpus_per_task if self.cluster == "slurm" else max(1, cores // len(specs)))
-        with executor.batch():
-            jobs = [executor.submit(job, spec.to_dict(), str(self.runs_dir)) for spec in specs]
-        self.jobs += list(zip(jobs, specs, strict=True))
-        array_id = jobs[0].job_id.split("_")[0]
-        waits = f", afterok:{':'.join(after)}" if after else ""
-        self.progress.say(f"submitted {plural(len(specs), 'run')} as {name} (job {array_id}{waits})")
-        return [array_id]
-
-    def _follow(self) -> None:
-        """Wait for the submitted jobs, recording each as it ends."""
-        poll_s = 30.0 if self.cluster == "slurm" else 0.5
-        while self.jobs:
-            for job, spec in [(j, s) for j, s in self.jobs if j.done()]:
-                self.jobs.remove((job, spec))
-                try:
-                    result, note = job.result(), f"job {job.job_id}"
-                except Exception as exc:  # the job raised, died or was cancelled: its result.json says how
-                    result = RunDir.of(self.runs_dir, spec).read_result()
-                    note = f"job {job.job_id}: {str(exc).strip().splitlines()[-1][:200] if str(exc) else exc!r}"
-                ended = blocking_upstream(spec, self.progress.outcomes)
-                if result is None and ended is not None:
-                    self.progress.record(blocked(spec, ended))
-                    continue
-                status = result["status"] if result else "failed"
-                self.progress.record(Outcome(spec, status, note, result), (result or {}).get("wall_time_s"))
-            if self.jobs:
-                time.sleep(poll_s)
-
-
 # ================================================================== CLI
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -832,6 +713,8 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
+    from experiments.slurm import RESOURCES
+
     parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", type=Path, help="a W&B-format sweep file (experiments/sweeps/*.yaml)")
@@ -841,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="local: runs at once, as worker processes sharing the cores (default 1: in this process)")
     parser.add_argument("--retry-failed", action="store_true", help="rerun failed and diverged runs")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="root of run directories")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print everything the libraries print (default: a line per run start and result, "
+                             "the sweep's progress)")
     slurm = parser.add_argument_group("slurm (defaults per profile: " + "; ".join(
         f"{p}: {r.gpus_per_run} GPUs, {r.cpus_per_task} cpus, {r.mem_gb} GB, {r.time_min} min"
         for p, r in RESOURCES.items()) + ")")
@@ -856,7 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, out: TextIO = sys.stdout) -> int:
     """Validate the sweep, then dry-run, run locally or submit it; return the exit code (0, 1 or 2)."""
+    from experiments.slurm import Resources, SlurmRunner, resources_for
+
     args = build_parser().parse_args(argv)
+    console.configure(args.verbose)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Resources)}
     try:
         sweep = load_sweep(args.file)

@@ -3,7 +3,7 @@
     python -m experiments.train --model resnet50 --dataset fashion_mnist \\
         --train-fraction 0.1 --seed 0 [--profile cpu|gpu|cluster] [--max-steps N] \\
         [--wandb auto|online|offline|off] [--pretraining none|imagenet|fractaldb|DATASET] \\
-        [--patch-size 4 --depth 6 --pos-embed none ...] [--model-kwargs '{drop_rate: 0.1}']
+        [--patch-size 4 --depth 6 --pos-embed none ...] [--model-kwargs '{drop_rate: 0.1}'] [-v]
     python -m experiments.train --spec runs/default/3f9c0a1b2d4e/spec.json   # reproduce a run
 
 A run goes preflight (every check on the input; the data loaded once) ->
@@ -13,6 +13,8 @@ build (net, module, step budget) -> fit and test -> record (result.json).
 for resuming), `wandb/`, and, written last and atomically, `result.json`
 (docs/results.md). Bad input fails before any work with one line and exit
 code 2; a run that breaks during training still writes a `failed` result.
+It prints its start, one progress bar over its step budget and its result
+(`experiments.console`; `-v` adds what the libraries print).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import yaml
 
 from common.files import Busy, atomic_write
 from common.schema import SCHEMA_VERSION
-from experiments import tracking
+from experiments import console, tracking
+from experiments.ddp import prepare_once_per_node
 from experiments.rundir import RunDir, ddp_rank
 from experiments.spec import PROFILES, RunSpec, SpecError
 from lightning_modules.catalog import DATASETS, MODELS
@@ -153,10 +156,10 @@ def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
     upstream_spec = spec.upstream()
     upstream = Prepared(upstream_spec, build_datamodule(upstream_spec)) if upstream_spec is not None else None
     try:
-        datamodule.prepare_data()
+        prepare_once_per_node(datamodule.prepare_data, spec.dataset)  # a download once per node, not per rank
         datamodule.setup()
         if upstream is not None and upstream_spec.dataset != "fractaldb":
-            upstream.datamodule.prepare_data()
+            prepare_once_per_node(upstream.datamodule.prepare_data, upstream_spec.dataset)
     except ValueError as exc:  # DataError, and bad split sizes
         raise SpecError("dataset", spec.dataset, str(exc)) if not isinstance(exc, DataError) else exc
     return Prepared(spec, datamodule), upstream
@@ -379,6 +382,8 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     from lightning.pytorch.loggers import CSVLogger
 
     from experiments import generalization
+    from experiments.preemption import SaveOnPreemption, cluster_plugins
+    from experiments.progressbar import RunProgressBar
 
     out: dict[str, Any] = {}
     if rundir.last_ckpt.is_file():
@@ -390,10 +395,14 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     checkpoint = ModelCheckpoint(dirpath=rundir.checkpoints, filename="best", monitor="val/acc1", mode="max",
                                  save_last=True, save_top_k=1, enable_version_counter=False)
     history, clock = _callbacks()
-    callbacks = [checkpoint, history, clock, LearningRateMonitor(logging_interval="step")]
+    callbacks = [checkpoint, history, clock, LearningRateMonitor(logging_interval="step"),
+                 RunProgressBar(f"{spec.role} {console.describe(spec)}")]
     if spec.patience:  # strict improvement, as the checkpoint keeps the first best
         callbacks.append(EarlyStopping(monitor="val/acc1", mode="max", patience=spec.patience,
                                        check_on_train_epoch_end=False))
+    preemption = SaveOnPreemption(rundir.last_ckpt)  # last: the step's other callbacks have run when it saves
+    callbacks.append(preemption)
+    console.quiet_libraries()
     on_cpu = not torch.cuda.is_available()
     steps = built.steps
     trainer = pl.Trainer(
@@ -402,10 +411,12 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
         precision=precision, accelerator="auto", devices=spec.devices,
         strategy="ddp" if spec.devices > 1 else "auto", deterministic=on_cpu, benchmark=not on_cpu,
         gradient_clip_val=spec.grad_clip or None, log_every_n_steps=max(1, min(50, steps // 20)),
-        logger=loggers, callbacks=callbacks, enable_model_summary=False, default_root_dir=str(rundir.path))
+        logger=loggers, callbacks=callbacks, enable_model_summary=False, default_root_dir=str(rundir.path),
+        plugins=cluster_plugins())
     resume = rundir.last_ckpt.is_file()
-    trainer.fit(built.module, datamodule=datamodule, ckpt_path=str(rundir.last_ckpt) if resume else None,
-                weights_only=True if resume else None)
+    with preemption:  # SLURM's pre-timeout signal: last.ckpt at the current step, then submitit requeues
+        trainer.fit(built.module, datamodule=datamodule, ckpt_path=str(rundir.last_ckpt) if resume else None,
+                    weights_only=True if resume else None)
     # read before trainer.test(): it resets callback_metrics and restores callback state from best.ckpt
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     seen, train_seconds, steps_done = clock.images, clock.seconds, trainer.global_step
@@ -512,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spec", type=Path, help="a spec.json to reproduce (other flags override it)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="root of run directories")
     parser.add_argument("--profile", choices=list(PROFILES), help="defaults: cpu (this machine) or gpu/cluster")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="print everything the libraries print (default: the run's start, progress and result)")
     for f in dataclasses.fields(RunSpec):
         if f.name in ("profile", "role"):
             continue
@@ -523,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """The spec the command line names: a spec.json and/or the profile's defaults, with the flags applied."""
     overrides = {k: v for k, v in vars(args).items()
-                 if v is not None and k not in ("spec", "runs_dir", "profile")}
+                 if v is not None and k not in ("spec", "runs_dir", "profile", "verbose")}
     if args.spec is not None:
         try:
             data = json.loads(args.spec.read_text())
@@ -543,6 +556,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.configure(args.verbose)
     try:
         spec = spec_from_args(args)
         result = run(spec, args.runs_dir)  # bad data or weights raise here, before anything is written

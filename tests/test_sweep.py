@@ -1,4 +1,4 @@
-"""Behaviour of the sweep runner: validation, scheduling, resuming, sharing, SLURM submission."""
+"""Behaviour of the sweep runner: validation, scheduling, resuming, sharing, portability (SLURM: test_slurm.py)."""
 
 from __future__ import annotations
 
@@ -19,17 +19,7 @@ import pytest
 import yaml
 
 from experiments.spec import RunSpec
-from experiments.sweep import (
-    RESOURCES,
-    LocalRunner,
-    SlurmRunner,
-    SweepError,
-    TrainJob,
-    load_sweep,
-    main,
-    resources_for,
-    write_manifest,
-)
+from experiments.sweep import LocalRunner, load_sweep, main, write_manifest
 from experiments.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -359,86 +349,6 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-# ------------------------------------------------------------------ SLURM (submitit)
-@pytest.mark.slow
-def test_submitit_local_array_runs_to_completion(tmp_path: Path) -> None:
-    config = tiny_config(pretraining={"value": "none"}, min_steps={"value": 4}, max_steps={"value": 4},
-                         num_evals={"value": 2})
-    sweep = load_sweep(write_sweep(tmp_path / "two.yaml", config))
-    out = io.StringIO()
-    assert SlurmRunner(sweep, tmp_path, RESOURCES["cpu"], cluster="local", out=out).run() == 0, out.getvalue()
-    assert run_dirs(tmp_path, "two") == completed(tmp_path, "two") == {s.run_id for s in sweep.runs}
-    assert "[two] 2/2 done · 0 failed · 0 left" in out.getvalue()
-
-
-def test_preempted_job_requeues_the_same_run() -> None:
-    spec = load_sweep(TINY).runs[0].to_dict()
-    submission = TrainJob(threads=4).checkpoint(spec, "runs")
-    assert isinstance(submission.function, TrainJob) and submission.function.threads == 4
-    assert submission.args == (spec, "runs") and not submission.kwargs
-
-
-FAKE_SBATCH = """#!/bin/sh
-n=$(( $(cat "$FAKE_SLURM/counter" 2>/dev/null || echo 41) + 1 ))
-echo $n > "$FAKE_SLURM/counter"
-cp "$1" "$FAKE_SLURM/sbatch_$n.sh"
-echo "Submitted batch job $n"
-"""
-
-
-def test_slurm_arrays_are_submitted_with_resources_and_dependency(tmp_path: Path) -> None:
-    bin_dir, record = tmp_path / "bin", tmp_path / "record"
-    bin_dir.mkdir()
-    record.mkdir()
-    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
-    (bin_dir / "srun").write_text("#!/bin/sh\n")
-    for tool in ("sbatch", "srun"):
-        (bin_dir / tool).chmod(0o755)
-    config = tiny_config(profile={"value": "cluster"}, seed={"values": [0, 1]}, precision=None, batch_size=None)
-    sweep = load_sweep(write_sweep(tmp_path / "cl.yaml", config))
-    assert (len(sweep.upstream), len(sweep.runs)) == (2, 8)
-    fake_result(sweep.runs[0], tmp_path / "runs", "completed")  # done runs are not submitted again
-    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM": str(record)}
-    proc = sweep_cli(tmp_path / "cl.yaml", "--executor", "slurm", "--runs-dir", tmp_path / "runs", "--partition",
-                     "gpu", "--account", "vision", "--constraint", "a100", "--array-parallelism", "3", env=env)
-    assert proc.returncode == 0, proc.stderr
-    assert "submitted 2 runs as cl-pretrain (job 42)" in proc.stdout
-    assert "submitted 7 runs as cl (job 43, afterok:42)" in proc.stdout
-    pretrain, train = ((record / f"sbatch_{n}.sh").read_text() for n in (42, 43))
-    for script in (pretrain, train):
-        for flag in ("--gpus-per-node=4", "--ntasks-per-node=4", "--cpus-per-task=10", "--mem=256GB",
-                     "--time=1440", "--partition=gpu", "--account=vision", "--constraint=a100", "--nodes=1",
-                     "--signal=USR2@120", "--requeue"):
-            assert f"#SBATCH {flag}\n" in script, (flag, script)
-        assert "submitit.core._submit" in script
-    assert "#SBATCH --array=0-1%2\n" in pretrain and "--dependency" not in pretrain
-    assert "#SBATCH --array=0-6%3\n" in train and "#SBATCH --dependency=afterok:42\n" in train
-    assert "#SBATCH --kill-on-invalid-dep=yes\n" in train
-
-
-def test_slurm_resources_follow_the_profile_and_the_runs_devices(tmp_path: Path) -> None:
-    cluster = load_sweep(write_sweep(tmp_path / "cl.yaml", tiny_config(profile={"value": "cluster"})))
-    assert resources_for(cluster, {}) == RESOURCES["cluster"]
-    assert resources_for(cluster, {"time_min": 60, "partition": "p"}).time_min == 60
-    with pytest.raises(SweepError, match="--gpus-per-run: value 2 not allowed"):
-        resources_for(cluster, {"gpus_per_run": 2})
-    cpu = load_sweep(TINY)
-    assert resources_for(cpu, {}).gpus_per_run == 0 and resources_for(cpu, {"gpus_per_run": 1}).gpus_per_run == 1
-    out = io.StringIO()
-    assert main([str(cluster.path), "--dry-run", "--executor", "slurm", "--mem-gb", "300", "--runs-dir",
-                 str(tmp_path)], out=out) == 0
-    assert "slurm, per run: 4 GPUs, 4 tasks, 10 cpus per task, 300 GB, 1440 min" in out.getvalue()
-    assert main([str(cluster.path), "--dry-run", "--executor", "slurm", "--gpus-per-run", "8"]) == 2
-
-
-def test_slurm_executor_without_slurm_is_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
-    assert main([str(TINY), "--executor", "slurm", "--runs-dir", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no SLURM here" in err
-
-
 # ------------------------------------------------------------------ the protocol (issue 9)
 def test_runs_go_seed_by_seed_each_pretraining_run_just_before_its_first_use(tmp_path: Path) -> None:
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_config(seed={"values": [0, 1]})))
@@ -483,3 +393,59 @@ def test_the_eta_comes_from_step_times_measured_before_the_sweep(tmp_path: Path,
     per_run = [runner.progress.estimates[s.run_id] for s in sweep.ordered]
     assert per_run[0] == pytest.approx(8 * 0.5 + eta.evaluated_images(sweep.runs[0]) * 0.001)
     assert runner.progress.eta_seconds() == pytest.approx(sum(per_run))
+
+
+# ------------------------------------------------------------------ portability
+def test_the_cpu_count_needs_no_linux_only_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments.sweep import available_cpus
+
+    monkeypatch.delattr(os, "process_cpu_count", raising=False)
+    if hasattr(os, "sched_getaffinity"):
+        assert available_cpus() == len(os.sched_getaffinity(0))
+        monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS and Windows
+    assert available_cpus() == os.cpu_count()
+    monkeypatch.setattr(os, "process_cpu_count", lambda: 3, raising=False)  # Python 3.13+
+    assert available_cpus() == 3
+
+
+NO_FCNTL_SWEEP = """
+import os, socket, sys
+sys.modules["fcntl"] = None  # as on Windows: `import fcntl` fails
+del os.sched_getaffinity  # as on macOS and Windows
+import filelock
+assert filelock.FileLock is filelock.SoftFileLock
+from experiments import sweep, train
+from experiments.rundir import RunDir
+
+def fake_run(spec, runs_dir, blocking=True, precision=None):
+    rundir = RunDir.of(runs_dir, spec)
+    with rundir.lock(blocking=blocking):
+        record = {"schema_version": 2, "run_id": spec.run_id, "sweep": spec.sweep, "status": "completed",
+                  "error": None, "model": spec.model, "arch": spec.arch, "dataset": spec.dataset,
+                  "train_fraction": spec.train_fraction, "seed": spec.seed, "pretraining": spec.pretraining,
+                  "metrics": {"test/acc1": 0.5}, "wall_time_s": 1.0}
+        rundir.write_result(record)
+    return {**record, "pid": os.getpid(), "hostname": socket.gethostname()}
+
+train.run = fake_run
+runner = sweep.LocalRunner(sweep.load_sweep(sys.argv[1]), sys.argv[2], estimate=False)
+sys.exit(runner.run())
+"""
+
+
+def test_the_sweep_runs_without_sched_getaffinity_and_fcntl(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", NO_FCNTL_SWEEP, str(TINY), str(tmp_path)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert PROGRESS.findall(proc.stdout)[-1][:4] == ("5", "5", "0", "0")
+    assert completed(tmp_path, "tiny") == {s.run_id for s in load_sweep(TINY).ordered}
+    assert not list((tmp_path / "tiny").glob(".*.lock"))  # filelock's soft locks are removed when released
+
+
+def test_make_help_lists_the_variables_with_their_defaults() -> None:
+    proc = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    variables = dict(re.findall(r"^  ([A-Z_]+) +\[([^\]]*)\] ", proc.stdout, flags=re.M))
+    assert {"SWEEP": "default", "EXECUTOR": "local", "MAX_PARALLEL": "1", "SWEEP_ARGS": "", "RUNS": "runs",
+            "RESULTS": "results"}.items() <= variables.items(), proc.stdout
+    assert "  make sweep " in proc.stdout

@@ -1,0 +1,90 @@
+"""Preemption: on the pre-timeout signal, save the run at the current step, then let submitit requeue it.
+
+On SLURM, submitit asks for USR2 `signal_delay_s` before the time limit
+(`--signal=USR2@120`) and installs a handler that calls `TrainJob.checkpoint`
+and requeues the job; the requeued job resumes from `checkpoints/last.ckpt`.
+On its own that checkpoint is only as recent as the last validation, so a
+requeued job would lose up to one evaluation interval.
+
+`SaveOnPreemption` stands in front of submitit's handler while a fit runs.
+A signal handler runs between any two bytecodes, possibly in the middle of an
+optimizer step, so the handler only notes the signal; at the end of the
+training step under way (a consistent state) every DDP rank saves `last.ckpt`
+at that step (rank 0 writes it; the ranks first agree that a signal came),
+and then submitit's handler runs as it would have: checkpoint, requeue, exit.
+A signal that comes outside a training step (during the last validation, or
+outside the fit) is handed to submitit's handler when the fit ends, or at
+once; the run then resumes from the last saved `last.ckpt`.
+
+One mechanism acts: submitit's, because it also requeues a job that is not
+in a fit (preflight, the pretraining it waits for, the test). Lightning's own
+SLURM requeue (`SLURMEnvironment(auto_requeue=True)`, its default when it
+detects SLURM) is turned off by `cluster_plugins`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+
+# submitit's preemption signal (its default; SUBMITIT_PREEMPT_SIGNAL changes it); Windows has no USR2
+PREEMPT_SIGNAL: int | None = getattr(signal, "SIGUSR2", None)
+
+
+class SaveOnPreemption(pl.Callback):
+    """Defers the preemption signal to the end of the current training step and saves `path` there.
+
+    Use it as a callback of the trainer and as a context manager around
+    `trainer.fit`: entering puts its handler in front of the one installed
+    (only when a Python handler is installed, as submitit's is); leaving puts
+    the old one back and hands it a signal still pending.
+    """
+
+    def __init__(self, path: Path | str, signum: int | None = PREEMPT_SIGNAL) -> None:
+        self.path, self.signum = Path(path), signum
+        self._previous: Callable[[int, FrameType | None], Any] | None = None
+        self._pending = False
+
+    def __enter__(self) -> SaveOnPreemption:
+        installed = signal.getsignal(self.signum) if self.signum is not None else None
+        if callable(installed) and threading.current_thread() is threading.main_thread():
+            self._previous = installed
+            signal.signal(self.signum, self._note)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None = None, error: BaseException | None = None,
+                 tb: TracebackType | None = None) -> None:
+        previous, self._previous = self._previous, None
+        if previous is None:
+            return
+        signal.signal(self.signum, previous)
+        if self._pending:
+            self._pending = False
+            previous(self.signum, None)  # submitit's: checkpoint() and requeue (exits on rank 0)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self._pending = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._previous is None:
+            return
+        requested = self._pending
+        if trainer.world_size > 1:  # any rank's signal counts, so that every rank saves at the same step
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            trainer.save_checkpoint(self.path)  # a collective under DDP; rank 0 writes
+            self._pending = True
+            self.__exit__()
+
+
+def cluster_plugins() -> list[Any]:
+    """Under SLURM, Lightning's SLURM environment (ranks, addresses) without its own requeue handler."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
