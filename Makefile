@@ -97,7 +97,9 @@ clean: ## Remove runs/ and results/ (keeps .venv)
 # W&B: offline runs (no credentials, or WANDB_MODE=offline) are uploaded by `make sync`; a W&B sweep made with
 # `.venv/bin/wandb sweep experiments/sweeps/$(SWEEP).yaml` is run by `make agent SWEEP_ID=...`, whose
 # `${interpreter}` (a bare `python`) is then this .venv's.
+## agent: the W&B sweep to serve, ENTITY/PROJECT/ID (printed by wandb sweep)
 SWEEP_ID ?=
+## agent: how many runs it takes (empty: until the sweep ends)
 COUNT ?=
 
 sync: install ## Upload every offline W&B run (runs/, results/) with wandb sync, then their lineage
