@@ -9,6 +9,7 @@ import torchmetrics.functional.classification as tmf
 from torch import nn
 
 from lightning_modules.data import build_transforms
+from lightning_modules.datasets import Normalization
 from lightning_modules.robustness import (
     calibrate,
     evaluate_robustness,
@@ -27,7 +28,8 @@ from lightning_modules.vit_config import ViTConfig
 
 torch.set_num_threads(1)
 
-EVAL = build_transforms("synthetic", 32, 1, "none", False, 32)  # uint8 (B, 1, 32, 32) -> normalised float
+EVAL = build_transforms(Normalization((0.5,), (0.25,), "dataset:synthetic"), 32, 1, "none", False,
+                        32)  # uint8 (B, 1, 32, 32) -> normalised float
 
 
 def tiny_vit(**overrides) -> VisionTransformer:
@@ -228,7 +230,8 @@ def test_evaluate_robustness_uses_official_cifar_c_files(tmp_path):
     np.save(tmp_path / "gaussian_noise.npy", np.concatenate([images.permute(0, 2, 3, 1).numpy()] * 5))
     np.save(tmp_path / "labels.npy", np.tile(labels, 5).astype(np.uint8))
     net = Recorder(tiny_cnn(in_chans=3, classes=10)).eval()
-    transform = build_transforms("cifar10", 32, 3, "none", False, 32)
+    transform = build_transforms(Normalization((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "dataset:cifar10"), 32, 3,
+                                 "none", False, 32)
     out = evaluate_robustness(net, images, labels, transform, subset_size=10, names=("gaussian_noise",),
                               severities=(2,), occlusion_fractions=(), shuffle_grid=None, official_dir=tmp_path)
     assert out.metrics["corrupt/official"] == 1.0
