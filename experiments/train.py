@@ -127,7 +127,8 @@ def check_model_kwargs(spec: RunSpec) -> None:
 
 def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
     """Everything that can fail on bad input, before any work: the ImageNet weights (a `--weights-file` that
-    loads, the Hugging Face cache, or the hub reachable within seconds), the net's options, the data.
+    loads, the Hugging Face cache, or the hub reachable within seconds), the net's options, the data, and a
+    training subset that gives each of the spec's devices at least one image per step.
 
     The run's data is loaded and split here and handed on to training; the
     pretraining run's data (a dataset, not FractalDB, which is generated) is
@@ -139,7 +140,7 @@ def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
     Raises:
         SpecError / DataError / ModelError: with one line naming the field and value.
     """
-    from lightning_modules.data import DataError
+    from lightning_modules.data import DataError, per_process_batch
     from lightning_modules.models import check_weights
 
     if spec.weights_file is not None and not Path(spec.weights_file).expanduser().is_file():
@@ -159,6 +160,9 @@ def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
             upstream.datamodule.prepare_data()
     except ValueError as exc:  # DataError, and bad split sizes
         raise SpecError("dataset", spec.dataset, str(exc)) if not isinstance(exc, DataError) else exc
+    if per_process_batch(datamodule.batch_size, datamodule.n_train, spec.devices) == 0:
+        raise SpecError("devices", spec.devices, f"at most {datamodule.n_train}, the training images at "
+                        f"train_fraction={spec.train_fraction}: each device needs one image per step")
     return Prepared(spec, datamodule), upstream
 
 
@@ -186,7 +190,8 @@ def _callbacks() -> tuple[Any, Any]:
             self.history = list(state["history"])
 
     class TrainClock(pl.Callback):
-        """Seconds spent in training batches and images seen (excludes validation)."""
+        """Seconds spent in training batches and images seen by all processes (excludes validation); under DDP
+        every process holds an equal share of each global batch."""
 
         def __init__(self) -> None:
             self.seconds, self.images, self._t = 0.0, 0, 0.0
@@ -198,7 +203,7 @@ def _callbacks() -> tuple[Any, Any]:
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                batch: Any, batch_idx: int) -> None:
             self.seconds += time.perf_counter() - self._t
-            self.images += len(batch[0])
+            self.images += len(batch[0]) * trainer.world_size
 
         def state_dict(self) -> dict[str, Any]:
             return {"seconds": self.seconds, "images": self.images}

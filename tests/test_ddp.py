@@ -1,0 +1,121 @@
+"""Correct under DDP: whole batches on every rank, the seeded data order across ranks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
+from torch.utils.data import DistributedSampler
+
+from experiments.spec import RunSpec
+from experiments.train import main
+from lightning_modules.data import ImageDataModule, SeededShuffle, per_process_batch, split_indices
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------ whole batches at every size
+@pytest.mark.parametrize("fraction, per_rank", [(0.01, 112), (0.02, 225), (0.1, 256), (1.0, 256)])
+def test_the_cluster_profile_gives_every_rank_whole_batches_at_every_size(fraction: float, per_rank: int) -> None:
+    """4 GPUs, global batch 1024: at 1 % of CIFAR-10 (450 images) a rank's 256 would be more than its 113
+    images, so no batch at all; the global batch shrinks to 448 (112 a rank), at 2 % to 900 (225 a rank)."""
+    spec = RunSpec.create("cluster", dataset="cifar10", train_fraction=fraction)
+    n_val = min(spec.val_size, round(spec.val_fraction * 50_000))  # the data module's rule for 50,000 images
+    n_train = len(split_indices(np.repeat(np.arange(10), 5000), spec.data_seed, fraction, n_val)[0])
+    batch = per_process_batch(spec.batch_size // spec.devices, n_train, spec.devices)
+    assert batch == per_rank and batch * spec.devices <= min(spec.batch_size, n_train)
+    lengths = {len(SeededShuffle(n_train, spec.data_seed, batch, spec.devices, rank)) for rank in range(4)}
+    assert len(lengths) == 1 and lengths.pop() == (n_train // (batch * spec.devices)) * batch > 0
+
+
+def test_one_process_keeps_its_batch_rule() -> None:
+    assert per_process_batch(128, 50, 1) == 50 and per_process_batch(128, 5000, 1) == 128
+    assert per_process_batch(8, 3, 4) == 0  # fewer images than processes: refused before any work
+
+
+def test_a_subset_smaller_than_the_devices_is_refused_before_any_work(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """Synthetic data at the smallest fraction keeps one image per class, 4: too few for 8 devices."""
+    code = main(["--dataset", "synthetic", "--model", "vit_tiny_p8", "--img-size", "32", "--devices", "8",
+                 "--batch-size", "16", "--train-fraction", "0.001", "--val-size", "32", "--wandb", "off",
+                 "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: invalid devices=8 (allowed: at most 4, the training images at "
+                          "train_fraction=0.001"), err
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ the data order across ranks
+@pytest.mark.parametrize("n, batch, world", [(97, 8, 2), (450, 112, 4), (10, 5, 2), (64, 4, 3)])
+def test_the_ranks_together_see_the_seeded_order_of_one_process(n: int, batch: int, world: int) -> None:
+    """Per epoch, the ranks' batches b in rank order are one process's batch b with the global batch: the same
+    (index, seed) items in the same order; nothing repeats; only the last partial global batch is left out;
+    epochs differ."""
+    epochs = []
+    for epoch in (0, 1):
+        one = SeededShuffle(n, data_seed=3, batch_size=batch * world)
+        ranks = [SeededShuffle(n, 3, batch, world, rank) for rank in range(world)]
+        for sampler in (one, *ranks):
+            sampler.set_epoch(epoch)
+        single, shards = list(one), [list(sampler) for sampler in ranks]
+        steps = n // (batch * world)
+        for b in range(steps):
+            assert sum((shard[b * batch:(b + 1) * batch] for shard in shards), []) == \
+                single[b * batch * world:(b + 1) * batch * world]
+        assert all(len(shard) == steps * batch for shard in shards)
+        indices = [i for shard in shards for i, _ in shard]
+        assert len(set(indices)) == len(indices) == n - n % (batch * world)
+        epochs.append(single)
+    assert epochs[0] != epochs[1] and {s for _, s in epochs[0]}.isdisjoint(s for _, s in epochs[1])
+
+
+class _Trainer(SimpleNamespace):
+    """The parts of a DDP Trainer that the data module and Lightning's data connector read, for one rank."""
+
+    def __init__(self, world: int, rank: int) -> None:
+        super().__init__(world_size=world, global_rank=rank, overfit_batches=0,
+                         distributed_sampler_kwargs={"num_replicas": world, "rank": rank},
+                         state=SimpleNamespace(fn=TrainerFn.FITTING),
+                         _accelerator_connector=SimpleNamespace(use_distributed_sampler=True, is_distributed=True))
+
+
+@pytest.mark.parametrize("fraction, n_train, per_rank", [(0.2, 96, 8), (0.02, 8, 4)])
+def test_lightning_keeps_the_seeded_sampler_and_the_ranks_batches_are_one_process_batches(
+        fraction: float, n_train: int, per_rank: int) -> None:
+    """Through Lightning's own loader preparation: the training sampler is left in place (it shards itself), and
+    the ranks' augmented batches, concatenated, are bit for bit those of one process with the global batch, also
+    when the subset is smaller than one global batch of 2 x 8; evaluation loaders get the sampler the metrics
+    and the gathered logits rely on (rank r: r, r + W, ...)."""
+    world, args = 2, dict(dataset="synthetic", img_size=32, in_chans=1, train_fraction=fraction, val_size=33,
+                          data_seed=5, augment="randaug")
+    one = ImageDataModule(batch_size=per_rank * world, **args)
+    one.setup()
+    assert one.n_train == n_train
+    ranks = []
+    for rank in range(world):
+        dm = ImageDataModule(batch_size=8, **args)
+        dm.setup()
+        dm.trainer = _Trainer(world, rank)
+        loader = dm.train_dataloader()
+        assert loader.batch_size == per_rank and len(loader) == n_train // (per_rank * world) > 0
+        assert _DataConnector(dm.trainer)._prepare_dataloader(loader, shuffle=True,
+                                                             mode=RunningStage.TRAINING) is loader
+        val = _DataConnector(dm.trainer)._prepare_dataloader(dm.val_dataloader(), shuffle=False,
+                                                            mode=RunningStage.VALIDATING)
+        assert isinstance(val.sampler, DistributedSampler) and list(val.sampler) == \
+            [p % 33 for p in range(rank, 34, world)]  # 33 images padded to 34 with the first one
+        ranks.append(loader)
+    single = one.train_dataloader()
+    for epoch in (0, 1):
+        for loader in (single, *ranks):
+            _set_sampler_epoch(loader, epoch)  # what Lightning's fit loop calls each epoch
+        for whole, *parts in zip(single, *ranks, strict=True):
+            assert torch.equal(whole[0], torch.cat([p[0] for p in parts]))
+            assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
