@@ -300,9 +300,22 @@ def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None,
     except Exception as exc:  # recorded, not hidden: status + one-line error + error.log
         record["status"] = "diverged" if isinstance(exc, FloatingPointError) else "failed"
         record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        rundir.write_error(traceback.format_exc())
+        if ddp_rank() == 0:
+            rundir.write_error(traceback.format_exc())
     record.update(wall_time_s=time.perf_counter() - t0)
-    return record_result(record, rundir, started, logger_wandb)
+    record = record_result(record, rundir, started, logger_wandb)
+    if record["status"] != "failed":  # all processes end it together (a failure may be one process's alone)
+        wait_for_rank_zero()
+    return record
+
+
+def wait_for_rank_zero() -> None:
+    """Under DDP, hold every process here until all arrive, rank 0 having written the run's files, so that the
+    next run of these processes (a fine-tuning run after its pretraining run) finds them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def base_record(spec: RunSpec) -> dict[str, Any]:
@@ -376,7 +389,8 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
         is written to the run directory.
 
     Raises:
-        FloatingPointError: the training loss became non-finite (the run diverged).
+        FloatingPointError: the training loss became non-finite on some process (the run diverged; all
+            processes raise it at the same step).
     """
     import lightning.pytorch as pl
     import torch
@@ -415,8 +429,6 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
     seen, train_seconds, steps_done = clock.images, clock.seconds, trainer.global_step
     evaluations = list(history.history)
-    if built.module.diverged:
-        raise FloatingPointError("training loss became non-finite")
     out.update(budget_ending(spec, evaluations, steps_done, steps))
     # the test set, a fixed part of the training subset without augmentation (the train-test gap), and the
     # validation split again, whose logits at the selected checkpoint calibrate the temperature
@@ -555,6 +567,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rundir = RunDir.of(args.runs_dir, spec)
+    if ddp_rank() > 0:
+        # rank 0 reports the run; another rank's exit code says only whether it failed, which makes Lightning's
+        # launcher end rank 0 (it may wait for this rank in a collective); a divergence, which all ranks decide
+        # together, must not, as rank 0 is writing its result
+        if result["status"] == "failed":
+            print(f"rank {ddp_rank()}: run {spec.run_id} failed: {result['error']}", file=sys.stderr)
+        return 1 if result["status"] == "failed" else 0
     if result["status"] != "completed":
         print(f"run {spec.run_id} {result['status']}: {result['error']} (see {rundir.error_log})", file=sys.stderr)
         return 1

@@ -65,7 +65,6 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.channels_last = prefers_channels_last(net)
         self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net
-        self.diverged = False
         metrics = lambda: torchmetrics.MetricCollection({  # noqa: E731 (one recipe for each split)
             "acc1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1),
             "acc5": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=min(5, num_classes)),
@@ -86,19 +85,37 @@ class ImageClassifier(pl.LightningModule):
         return self.net(images)
 
     # ---------------------------------------------------------------- train
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The batch's loss; raises FloatingPointError on every process when it is non-finite on any.
+
+        Raises:
+            FloatingPointError: naming the step and the processes whose loss was NaN or infinite.
+        """
         images, targets = batch  # (B, C, H, W); (B,) labels or (B, K) soft targets
         logits = self(images)  # (B, K)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
-            self.diverged = True
-            self.trainer.should_stop = True
-            return None
+        self._stop_if_diverged(loss)
         hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
         self.train_acc(logits.detach(), hard)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc1_batch", self.train_acc, prog_bar=False)
         return loss
+
+    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
+        """Decide on all processes together whether the loss is finite, and raise on all of them when it is not.
+
+        Under DDP a process that skipped its step alone would leave the others waiting for its gradients: each
+        process sets its own slot of a (W,) flag vector, one all-reduce shares them, and every process then
+        sees the same vector and takes the same branch at the same step.
+        """
+        bad = torch.zeros(self.trainer.world_size, device=loss.device)  # (W,) 1 where the loss is non-finite
+        bad[self.global_rank] = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(bad)
+        if bad.any():
+            ranks = ", ".join(str(rank) for rank in bad.nonzero().flatten().tolist())
+            where = f" on rank {ranks} of {len(bad)}" if len(bad) > 1 else ""
+            raise FloatingPointError(f"training loss became non-finite at step {self.global_step}{where}")
 
     # ---------------------------------------------------------------- eval
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: torchmetrics.MetricCollection,

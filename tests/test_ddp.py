@@ -1,4 +1,5 @@
-"""Correct under DDP: whole batches on every rank, the seeded data order across ranks."""
+"""Correct under DDP: whole batches on every rank, the seeded data order across ranks, divergence decided by all
+ranks together."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch.utils.data import DistributedSampler
 
+from experiments.rundir import RunDir
 from experiments.spec import RunSpec
-from experiments.train import main
+from experiments.train import main, run
+from lightning_modules.classifier import ImageClassifier
 from lightning_modules.data import ImageDataModule, SeededShuffle, per_process_batch, split_indices
 
 torch.set_num_threads(1)
@@ -119,3 +122,21 @@ def test_lightning_keeps_the_seeded_sampler_and_the_ranks_batches_are_one_proces
         for whole, *parts in zip(single, *ranks, strict=True):
             assert torch.equal(whole[0], torch.cat([p[0] for p in parts]))
             assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
+
+
+# ------------------------------------------------------------------ divergence, one process
+def test_a_run_whose_loss_becomes_nan_is_diverged_with_its_step(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    original = ImageClassifier.forward
+
+    def forward(self: ImageClassifier, images: torch.Tensor) -> torch.Tensor:
+        logits = original(self, images)
+        return logits * float("nan") if self.training and self.global_step == 2 else logits
+
+    monkeypatch.setattr(ImageClassifier, "forward", forward)
+    spec = RunSpec.create("cpu", model="vit_tiny_p8", dataset="synthetic", img_size=32, min_steps=4, max_steps=4,
+                          num_evals=2, val_size=32, batch_size=16, precision="32-true", wandb="off")
+    result = run(spec, tmp_path)
+    assert result["status"] == "diverged"
+    assert result["error"] == "FloatingPointError: training loss became non-finite at step 2"
+    assert RunDir.of(tmp_path, spec).read_result()["status"] == "diverged"
