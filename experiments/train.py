@@ -425,8 +425,11 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     resume = rundir.last_ckpt.is_file()
     trainer.fit(built.module, datamodule=datamodule, ckpt_path=str(rundir.last_ckpt) if resume else None,
                 weights_only=True if resume else None)
-    # read before trainer.test(): it resets callback_metrics and restores callback state from best.ckpt
-    train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    # read before trainer.test(): it resets callback_metrics and restores callback state from best.ckpt; under
+    # DDP each rank logged the loss of its equal share of the last global batch, whose loss is their mean
+    last_loss = torch.as_tensor(trainer.callback_metrics.get("train/loss", float("nan")),
+                                device=trainer.strategy.root_device)
+    train_loss = float(trainer.strategy.reduce(last_loss, reduce_op="mean"))
     seen, train_seconds, steps_done = clock.images, clock.seconds, trainer.global_step
     evaluations = list(history.history)
     out.update(budget_ending(spec, evaluations, steps_done, steps))

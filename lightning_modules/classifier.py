@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torchmetrics
 from timm.optim import param_groups_weight_decay
 from torch import nn
+from torch.utils.data import DataLoader
 
 # What `trainer.test` evaluates, by dataloader index: the test set, then (optionally) images of the
 # training subset without augmentation, for the train-test gap (metrics named `<split>/acc1` etc.), and the
@@ -119,27 +120,43 @@ class ImageClassifier(pl.LightningModule):
 
     # ---------------------------------------------------------------- eval
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: torchmetrics.MetricCollection,
-                  nll: torchmetrics.MeanMetric, prefix: str) -> torch.Tensor:
-        """Update and log the split's metrics; returns the batch's (B, K) float logits."""
+                  nll: torchmetrics.MeanMetric, prefix: str, loader: DataLoader, batch_idx: int) -> torch.Tensor:
+        """Update and log the split's metrics (over the batch's items that are not padding); returns the batch's
+        (B, K) float logits."""
         images, labels = batch  # (B, C, H, W), (B,)
         logits = self(images).float()  # (B, K)
-        probs = logits.softmax(dim=1)
-        metrics.update(probs, labels)
-        nll.update(F.cross_entropy(logits, labels, reduction="none"))
+        real = self._real_items(len(labels), loader, batch_idx)
+        if real:
+            metrics.update(logits[:real].softmax(dim=1), labels[:real])
+            nll.update(F.cross_entropy(logits[:real], labels[:real], reduction="none"))
         # named by split, not by dataloader index (one trainer.test call evaluates several splits)
         self.log_dict(metrics, on_epoch=True, add_dataloader_idx=False)
         self.log(f"{prefix}/nll", nll, on_epoch=True, add_dataloader_idx=False)
         return logits
 
+    def _real_items(self, n: int, loader: DataLoader, batch_idx: int) -> int:
+        """How many of batch `batch_idx`'s `n` items are the dataset's own rather than padding: the first k.
+
+        Under DDP, Lightning's evaluation sampler gives rank r the items r, r + W, r + 2W, ... of the dataset
+        padded with its first items to a multiple of W (`on_test_epoch_end` relies on it too), so the rank's
+        j-th item, at position r + jW of the padded order, is padding iff that is >= len(dataset), and only the
+        rank's last item can be. Left out, the W - 1 or fewer padded items do not count twice: the metrics are
+        those of the whole split, once. Plain integers: no device sync.
+        """
+        world, rank = self.trainer.world_size, self.global_rank
+        own = -(-(len(loader.dataset) - rank) // world)  # this rank's real items: ceil((N - r) / W)
+        return max(0, min(n, own - batch_idx * loader.batch_size))
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, self.val_nll, "val")
+        self._evaluate(batch, self.val_metrics, self.val_nll, "val", self.trainer.val_dataloaders, batch_idx)
         self.log("val/loss", self.val_nll, on_epoch=True, prog_bar=True)  # result.json records it in `selected`
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Dataloader `dataloader_idx` holds the split TEST_SPLITS[dataloader_idx]; KEPT_SPLITS keep their logits."""
         split = TEST_SPLITS[dataloader_idx]
         if split in LOGGED_SPLITS:
-            logits = self._evaluate(batch, self.test_metrics[dataloader_idx], self.test_nll[dataloader_idx], split)
+            logits = self._evaluate(batch, self.test_metrics[dataloader_idx], self.test_nll[dataloader_idx], split,
+                                    self.trainer.test_dataloaders[dataloader_idx], batch_idx)
         else:
             logits = self(batch[0]).float()  # (B, K)
         if split in KEPT_SPLITS:

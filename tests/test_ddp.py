@@ -1,8 +1,14 @@
 """Correct under DDP: whole batches on every rank, the seeded data order across ranks, divergence decided by all
-ranks together."""
+ranks together, and a 2-process run on CPU (gloo) that matches a 1-process run with the same global batch."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +20,7 @@ from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from torch.utils.data import DistributedSampler
 
+from common import schema
 from experiments.rundir import RunDir
 from experiments.spec import RunSpec
 from experiments.train import main, run
@@ -21,6 +28,7 @@ from lightning_modules.classifier import ImageClassifier
 from lightning_modules.data import ImageDataModule, SeededShuffle, per_process_batch, split_indices
 
 torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ whole batches at every size
@@ -124,6 +132,21 @@ def test_lightning_keeps_the_seeded_sampler_and_the_ranks_batches_are_one_proces
             assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
 
 
+@pytest.mark.parametrize("n, world, batch", [(33, 2, 5), (7, 3, 1), (7, 4, 2), (128, 2, 16)])
+def test_evaluation_metrics_count_every_item_once_despite_the_samplers_padding(n: int, world: int,
+                                                                               batch: int) -> None:
+    """Lightning's evaluation sampler pads the split to a multiple of W; the classifier leaves the padding out."""
+    counted = []
+    for rank in range(world):
+        module = ImageClassifier(torch.nn.Linear(1, 2), 2)
+        module.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        loader = SimpleNamespace(batch_size=batch, dataset=range(n))
+        order = list(DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=False))
+        for b in range(0, len(order), batch):
+            counted += order[b:b + module._real_items(len(order[b:b + batch]), loader, b // batch)]
+    assert sorted(counted) == list(range(n))
+
+
 # ------------------------------------------------------------------ divergence, one process
 def test_a_run_whose_loss_becomes_nan_is_diverged_with_its_step(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,3 +163,91 @@ def test_a_run_whose_loss_becomes_nan_is_diverged_with_its_step(tmp_path: Path,
     assert result["status"] == "diverged"
     assert result["error"] == "FloatingPointError: training loss became non-finite at step 2"
     assert RunDir.of(tmp_path, spec).read_result()["status"] == "diverged"
+
+
+# ------------------------------------------------------------------ 2 processes (gloo) against 1
+FLAGS = ["--model", "vit_tiny_p8", "--dataset", "synthetic", "--img-size", "32", "--train-fraction", "0.2",
+         "--val-size", "33", "--batch-size", "16", "--max-steps", "16", "--min-steps", "16", "--num-evals", "4",
+         "--precision", "32-true", "--wandb", "off", "--seed", "0"]
+
+
+def _drive(out: Path, devices: int, nan_at: str = "") -> tuple[subprocess.CompletedProcess, list[dict], Path]:
+    """Run tests/ddp_driver.py (experiments.train, recorded in every rank) on `devices` CPU processes."""
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDP_TEST_NAN": nan_at}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ddp_driver.py"), str(out), "--runs-dir",
+                           str(out / "runs"), "--devices", str(devices), *FLAGS], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+    files = [out / f"rank{rank}.json" for rank in range(devices)]
+    deadline = time.monotonic() + 60  # the launcher does not wait for the other ranks to exit
+    while not all(f.is_file() for f in files) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ranks = [json.loads(f.read_text()) for f in files]
+    return proc, ranks, next((out / "runs" / "adhoc").iterdir())
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory: pytest.TempPathFactory) -> tuple[tuple, tuple]:
+    root = tmp_path_factory.mktemp("ddp")
+    return _drive(root / "one", 1), _drive(root / "two", 2)
+
+
+@pytest.mark.slow
+def test_a_two_process_run_completes_and_only_rank_zero_writes(one_and_two: tuple[tuple, tuple]) -> None:
+    _, (proc, ranks, rundir) = one_and_two
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["exit_code"] for r in ranks] == [0, 0]
+    assert ranks[1]["writes"] == []
+    written = {path for _, path in ranks[0]["writes"]}  # the audit hook sees rank 0's files, so it would see 1's
+    assert {f"adhoc/{rundir.name}/{name}" for name in ("result.json", "predictions.npz", "metrics.csv",
+                                                      "checkpoints/best.ckpt", "checkpoints/last.ckpt")} <= written
+    files = sorted(str(p.relative_to(rundir)) for p in rundir.rglob("*") if p.is_file())
+    assert files == ["checkpoints/best.ckpt", "checkpoints/last.ckpt", "logs/attempt0.json",
+                     "logs/attempt0/hparams.yaml", "logs/attempt0/metrics.csv", "metrics.csv", "predictions.npz",
+                     "result.json", "spec.json"]  # one of each, no temporary files left
+    result = json.loads((rundir / "result.json").read_text())
+    schema.check(result)
+    assert result["status"] == "completed" and result["spec"]["devices"] == 2
+    with open(rundir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for metric in set(rows[0]) - {"epoch", "step"}:  # each metric once per step: one writer, no row twice
+        steps = [row["step"] for row in rows if row[metric]]
+        assert len(steps) == len(set(steps)), metric
+    assert [row["step"] for row in rows if row["train/loss"]] == [str(step) for step in range(16)]
+
+
+@pytest.mark.slow
+def test_two_processes_see_the_data_of_one_and_end_with_its_metrics(one_and_two: tuple[tuple, tuple]) -> None:
+    """Identical data order (every step's samples and augmentation seeds); the same selected checkpoint and
+    accuracies; losses, NLL, ECE and logits equal up to float rounding (DDP sums gradients in another order)."""
+    (proc1, (single,), dir1), (proc2, ranks, dir2) = one_and_two
+    assert proc1.returncode == proc2.returncode == 0, proc2.stderr[-3000:]
+    assert len(single["batches"]) == 16 and [len(b) for b in ranks[0]["batches"]] == [8] * 16
+    assert [a + b for a, b in zip(ranks[0]["batches"], ranks[1]["batches"], strict=True)] == single["batches"]
+    epochs = [single["batches"][i:i + 6] for i in (0, 6)]  # 96 images, global batch 16: 6 steps an epoch
+    assert epochs[0] != epochs[1] and all(len({i for b in e for i, _ in b}) == 96 for e in epochs)
+    one, two = (json.loads((d / "result.json").read_text()) for d in (dir1, dir2))
+    assert one["selected"]["step"] == two["selected"]["step"] and one["n_evals"] == two["n_evals"]
+    assert one["train_images_seen"] == two["train_images_seen"] == 16 * 16
+    for key in ("test/acc1", "test/acc5", "train/acc1"):
+        assert one["metrics"][key] == two["metrics"][key], key
+    assert one["selected"]["val/acc1"] == two["selected"]["val/acc1"]
+    for key in ("test/nll", "test/ece", "train/loss"):
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-3), key
+    assert two["selected"]["val/loss"] == pytest.approx(one["selected"]["val/loss"], rel=1e-3)
+    with np.load(dir1 / "predictions.npz") as a, np.load(dir2 / "predictions.npz") as b:
+        assert a.files == b.files
+        for split, n in (("test", 128), ("val", 33)):  # the whole split once, in order, gathered from both ranks
+            assert np.array_equal(a[f"{split}_target"], b[f"{split}_target"]) and len(b[f"{split}_target"]) == n
+            assert np.allclose(a[f"{split}_logits"], b[f"{split}_logits"], atol=1e-2)
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_both_as_diverged_without_a_hang(tmp_path: Path) -> None:
+    proc, ranks, rundir = _drive(tmp_path / "nan", 2, nan_at="1:5")
+    result = json.loads((rundir / "result.json").read_text())
+    assert result["status"] == "diverged", proc.stderr[-3000:]
+    assert result["error"] == "FloatingPointError: training loss became non-finite at step 5 on rank 1 of 2"
+    assert [len(r["batches"]) for r in ranks] == [6, 6]  # both stopped at the same step
+    assert proc.returncode == 1 and [r["exit_code"] for r in ranks] == [1, 0]  # rank 1 leaves the report to 0
+    assert ranks[1]["writes"] == [] and (rundir / "error.log").is_file()
