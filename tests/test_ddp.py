@@ -168,7 +168,7 @@ def test_a_run_whose_loss_becomes_nan_is_diverged_with_its_step(tmp_path: Path,
 # ------------------------------------------------------------------ 2 processes (gloo) against 1
 FLAGS = ["--model", "vit_tiny_p8", "--dataset", "synthetic", "--img-size", "32", "--train-fraction", "0.2",
          "--val-size", "33", "--batch-size", "16", "--max-steps", "16", "--min-steps", "16", "--num-evals", "4",
-         "--precision", "32-true", "--wandb", "off", "--seed", "0"]
+         "--precision", "32-true", "--wandb", "offline", "--seed", "0"]
 
 
 def _drive(out: Path, devices: int, nan_at: str = "") -> tuple[subprocess.CompletedProcess, list[dict], Path]:
@@ -201,10 +201,11 @@ def test_a_two_process_run_completes_and_only_rank_zero_writes(one_and_two: tupl
     written = {path for _, path in ranks[0]["writes"]}  # the audit hook sees rank 0's files, so it would see 1's
     assert {f"adhoc/{rundir.name}/{name}" for name in ("result.json", "predictions.npz", "metrics.csv",
                                                       "checkpoints/best.ckpt", "checkpoints/last.ckpt")} <= written
-    files = sorted(str(p.relative_to(rundir)) for p in rundir.rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(rundir)) for p in rundir.rglob("*") if p.is_file() and "wandb" not in p.parts)
     assert files == ["checkpoints/best.ckpt", "checkpoints/last.ckpt", "logs/attempt0.json",
                      "logs/attempt0/hparams.yaml", "logs/attempt0/metrics.csv", "metrics.csv", "predictions.npz",
                      "result.json", "spec.json"]  # one of each, no temporary files left
+    assert len(list((rundir / "wandb").glob("offline-run-*"))) == 1  # W&B writes from its own process: one run
     result = json.loads((rundir / "result.json").read_text())
     schema.check(result)
     assert result["status"] == "completed" and result["spec"]["devices"] == 2
