@@ -130,7 +130,8 @@ def check_model_kwargs(spec: RunSpec) -> None:
 
 def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
     """Everything that can fail on bad input, before any work: the ImageNet weights (a `--weights-file` that
-    loads, the Hugging Face cache, or the hub reachable within seconds), the net's options, the data.
+    loads, the Hugging Face cache, or the hub reachable within seconds), the net's options, the data, and a
+    training subset that gives each of the spec's devices at least one image per step.
 
     The run's data is loaded and split here and handed on to training; the
     pretraining run's data (a dataset, not FractalDB, which is generated) is
@@ -142,7 +143,7 @@ def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
     Raises:
         SpecError / DataError / ModelError: with one line naming the field and value.
     """
-    from lightning_modules.data import DataError
+    from lightning_modules.data import DataError, per_process_batch
     from lightning_modules.models import check_weights
 
     if spec.weights_file is not None and not Path(spec.weights_file).expanduser().is_file():
@@ -162,6 +163,9 @@ def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
             prepare_once_per_node(upstream.datamodule.prepare_data, upstream_spec.dataset)
     except ValueError as exc:  # DataError, and bad split sizes
         raise SpecError("dataset", spec.dataset, str(exc)) if not isinstance(exc, DataError) else exc
+    if per_process_batch(datamodule.batch_size, datamodule.n_train, spec.devices) == 0:
+        raise SpecError("devices", spec.devices, f"at most {datamodule.n_train}, the training images at "
+                        f"train_fraction={spec.train_fraction}: each device needs one image per step")
     return Prepared(spec, datamodule), upstream
 
 
@@ -189,7 +193,8 @@ def _callbacks() -> tuple[Any, Any]:
             self.history = list(state["history"])
 
     class TrainClock(pl.Callback):
-        """Seconds spent in training batches and images seen (excludes validation)."""
+        """Seconds spent in training batches and images seen by all processes (excludes validation); under DDP
+        every process holds an equal share of each global batch."""
 
         def __init__(self) -> None:
             self.seconds, self.images, self._t = 0.0, 0, 0.0
@@ -201,7 +206,7 @@ def _callbacks() -> tuple[Any, Any]:
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                batch: Any, batch_idx: int) -> None:
             self.seconds += time.perf_counter() - self._t
-            self.images += len(batch[0])
+            self.images += len(batch[0]) * trainer.world_size
 
         def state_dict(self) -> dict[str, Any]:
             return {"seconds": self.seconds, "images": self.images}
@@ -298,9 +303,22 @@ def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None,
     except Exception as exc:  # recorded, not hidden: status + one-line error + error.log
         record["status"] = "diverged" if isinstance(exc, FloatingPointError) else "failed"
         record["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        rundir.write_error(traceback.format_exc())
+        if ddp_rank() == 0:
+            rundir.write_error(traceback.format_exc())
     record.update(wall_time_s=time.perf_counter() - t0)
-    return record_result(record, rundir, started, logger_wandb)
+    record = record_result(record, rundir, started, logger_wandb)
+    if record["status"] != "failed":  # all processes end it together (a failure may be one process's alone)
+        wait_for_rank_zero()
+    return record
+
+
+def wait_for_rank_zero() -> None:
+    """Under DDP, hold every process here until all arrive, rank 0 having written the run's files, so that the
+    next run of these processes (a fine-tuning run after its pretraining run) finds them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def base_record(spec: RunSpec) -> dict[str, Any]:
@@ -374,7 +392,8 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
         is written to the run directory.
 
     Raises:
-        FloatingPointError: the training loss became non-finite (the run diverged).
+        FloatingPointError: the training loss became non-finite on some process (the run diverged; all
+            processes raise it at the same step).
     """
     import lightning.pytorch as pl
     import torch
@@ -417,12 +436,13 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     with preemption:  # SLURM's pre-timeout signal: last.ckpt at the current step, then submitit requeues
         trainer.fit(built.module, datamodule=datamodule, ckpt_path=str(rundir.last_ckpt) if resume else None,
                     weights_only=True if resume else None)
-    # read before trainer.test(): it resets callback_metrics and restores callback state from best.ckpt
-    train_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+    # read before trainer.test(): it resets callback_metrics and restores callback state from best.ckpt; under
+    # DDP each rank logged the loss of its equal share of the last global batch, whose loss is their mean
+    last_loss = torch.as_tensor(trainer.callback_metrics.get("train/loss", float("nan")),
+                                device=trainer.strategy.root_device)
+    train_loss = float(trainer.strategy.reduce(last_loss, reduce_op="mean"))
     seen, train_seconds, steps_done = clock.images, clock.seconds, trainer.global_step
     evaluations = list(history.history)
-    if built.module.diverged:
-        raise FloatingPointError("training loss became non-finite")
     out.update(budget_ending(spec, evaluations, steps_done, steps))
     # the test set, a fixed part of the training subset without augmentation (the train-test gap), and the
     # validation split again, whose logits at the selected checkpoint calibrate the temperature
@@ -564,6 +584,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rundir = RunDir.of(args.runs_dir, spec)
+    if ddp_rank() > 0:
+        # rank 0 reports the run; another rank's exit code says only whether it failed, which makes Lightning's
+        # launcher end rank 0 (it may wait for this rank in a collective); a divergence, which all ranks decide
+        # together, must not, as rank 0 is writing its result
+        if result["status"] == "failed":
+            print(f"rank {ddp_rank()}: run {spec.run_id} failed: {result['error']}", file=sys.stderr)
+        return 1 if result["status"] == "failed" else 0
     if result["status"] != "completed":
         print(f"run {spec.run_id} {result['status']}: {result['error']} (see {rundir.error_log})", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import torchmetrics
 from timm.optim import param_groups_weight_decay
 from torch import nn
+from torch.utils.data import DataLoader
 
 # What `trainer.test` evaluates, by dataloader index: the test set, then (optionally) images of the
 # training subset without augmentation, for the train-test gap (metrics named `<split>/acc1` etc.), and the
@@ -65,7 +66,6 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.channels_last = prefers_channels_last(net)
         self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net
-        self.diverged = False
         metrics = lambda: torchmetrics.MetricCollection({  # noqa: E731 (one recipe for each split)
             "acc1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1),
             "acc5": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=min(5, num_classes)),
@@ -86,43 +86,77 @@ class ImageClassifier(pl.LightningModule):
         return self.net(images)
 
     # ---------------------------------------------------------------- train
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The batch's loss; raises FloatingPointError on every process when it is non-finite on any.
+
+        Raises:
+            FloatingPointError: naming the step and the processes whose loss was NaN or infinite.
+        """
         images, targets = batch  # (B, C, H, W); (B,) labels or (B, K) soft targets
         logits = self(images)  # (B, K)
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
-            self.diverged = True
-            self.trainer.should_stop = True
-            return None
+        self._stop_if_diverged(loss)
         hard = targets if targets.ndim == 1 else targets.argmax(dim=1)
         self.train_acc(logits.detach(), hard)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc1_batch", self.train_acc, prog_bar=False)
         return loss
 
+    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
+        """Decide on all processes together whether the loss is finite, and raise on all of them when it is not.
+
+        Under DDP a process that skipped its step alone would leave the others waiting for its gradients: each
+        process sets its own slot of a (W,) flag vector, one all-reduce shares them, and every process then
+        sees the same vector and takes the same branch at the same step.
+        """
+        bad = torch.zeros(self.trainer.world_size, device=loss.device)  # (W,) 1 where the loss is non-finite
+        bad[self.global_rank] = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:
+            torch.distributed.all_reduce(bad)
+        if bad.any():
+            ranks = ", ".join(str(rank) for rank in bad.nonzero().flatten().tolist())
+            where = f" on rank {ranks} of {len(bad)}" if len(bad) > 1 else ""
+            raise FloatingPointError(f"training loss became non-finite at step {self.global_step}{where}")
+
     # ---------------------------------------------------------------- eval
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: torchmetrics.MetricCollection,
-                  nll: torchmetrics.MeanMetric, prefix: str) -> torch.Tensor:
-        """Update and log the split's metrics; returns the batch's (B, K) float logits."""
+                  nll: torchmetrics.MeanMetric, prefix: str, loader: DataLoader, batch_idx: int) -> torch.Tensor:
+        """Update and log the split's metrics (over the batch's items that are not padding); returns the batch's
+        (B, K) float logits."""
         images, labels = batch  # (B, C, H, W), (B,)
         logits = self(images).float()  # (B, K)
-        probs = logits.softmax(dim=1)
-        metrics.update(probs, labels)
-        nll.update(F.cross_entropy(logits, labels, reduction="none"))
+        real = self._real_items(len(labels), loader, batch_idx)
+        if real:
+            metrics.update(logits[:real].softmax(dim=1), labels[:real])
+            nll.update(F.cross_entropy(logits[:real], labels[:real], reduction="none"))
         # named by split, not by dataloader index (one trainer.test call evaluates several splits)
         self.log_dict(metrics, on_epoch=True, add_dataloader_idx=False)
         self.log(f"{prefix}/nll", nll, on_epoch=True, add_dataloader_idx=False)
         return logits
 
+    def _real_items(self, n: int, loader: DataLoader, batch_idx: int) -> int:
+        """How many of batch `batch_idx`'s `n` items are the dataset's own rather than padding: the first k.
+
+        Under DDP, Lightning's evaluation sampler gives rank r the items r, r + W, r + 2W, ... of the dataset
+        padded with its first items to a multiple of W (`on_test_epoch_end` relies on it too), so the rank's
+        j-th item, at position r + jW of the padded order, is padding iff that is >= len(dataset), and only the
+        rank's last item can be. Left out, the W - 1 or fewer padded items do not count twice: the metrics are
+        those of the whole split, once. Plain integers: no device sync.
+        """
+        world, rank = self.trainer.world_size, self.global_rank
+        own = -(-(len(loader.dataset) - rank) // world)  # this rank's real items: ceil((N - r) / W)
+        return max(0, min(n, own - batch_idx * loader.batch_size))
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, self.val_nll, "val")
+        self._evaluate(batch, self.val_metrics, self.val_nll, "val", self.trainer.val_dataloaders, batch_idx)
         self.log("val/loss", self.val_nll, on_epoch=True, prog_bar=True)  # result.json records it in `selected`
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Dataloader `dataloader_idx` holds the split TEST_SPLITS[dataloader_idx]; KEPT_SPLITS keep their logits."""
         split = TEST_SPLITS[dataloader_idx]
         if split in LOGGED_SPLITS:
-            logits = self._evaluate(batch, self.test_metrics[dataloader_idx], self.test_nll[dataloader_idx], split)
+            logits = self._evaluate(batch, self.test_metrics[dataloader_idx], self.test_nll[dataloader_idx], split,
+                                    self.trainer.test_dataloaders[dataloader_idx], batch_idx)
         else:
             logits = self(batch[0]).float()  # (B, K)
         if split in KEPT_SPLITS:

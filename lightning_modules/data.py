@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from lightning_modules.catalog import DATASETS
@@ -183,31 +183,59 @@ class SeededSubset(Dataset):
         return batch
 
 
-class SeededShuffle(Sampler):
-    """Shuffles indices and hands out per-sample augmentation seeds.
+def per_process_batch(batch_size: int, n_train: int, processes: int) -> int:
+    """The training batch of each of `processes` processes (DDP ranks) for a subset of `n_train` images.
 
-    The permutation and seeds of epoch e depend only on (data_seed, e).
-    Lightning calls `set_epoch` each epoch.
+    `batch_size` (the spec's global batch divided by its devices) when the subset holds at least one global
+    batch; else the subset's whole images shared out evenly, `n_train // processes` per process, so the global
+    batch shrinks to the largest multiple of `processes` that fits, instead of a rank getting fewer images
+    than its batch and no batch at all. One process keeps the rule it always had, `min(batch_size, n_train)`.
+    The result depends on the spec and the subset only, so every net sees the same global batches. 0 means the
+    subset is too small to give each process one image (refused before any work).
+    """
+    return min(batch_size, n_train // processes)
+
+
+class SeededShuffle(DistributedSampler):
+    """The seeded order of the training subset in whole global batches, shared out among DDP processes.
+
+    Epoch e's permutation and per-sample augmentation seeds depend only on (data_seed, e). The order is cut
+    after its last whole global batch of G = `batch_size * num_replicas` items (the partial one is left out,
+    as `drop_last` would), and global batch b, positions [bG, (b + 1)G), goes to the processes in contiguous
+    slices: process `rank` takes [bG + rank * batch_size, bG + (rank + 1) * batch_size). The processes'
+    batches b, concatenated in rank order, are therefore exactly the batch b of one process with batch G, the
+    same samples under the same seeds, and every process gets the same number of whole batches.
+
+    It shards itself, so it is a `DistributedSampler`: Lightning then leaves it in place. Lightning's own
+    wrapper for other samplers would reshuffle the order (with the model's seed) before sharding it, so the
+    ranks would no longer see the seeded order. Lightning calls `set_epoch` each epoch.
     """
 
-    def __init__(self, n: int, data_seed: int) -> None:
-        self.n, self.data_seed, self.epoch = n, data_seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, n: int, data_seed: int, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.n, self.data_seed, self.batch_size = n, data_seed, batch_size
+        self.num_batches = n // (batch_size * num_replicas)
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_batches * self.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.data_seed, self.epoch, 7])
         order = rng.permutation(self.n)
         seeds = rng.integers(0, 2**62, size=self.n)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        global_batch = self.batch_size * self.num_replicas
+        mine = (np.arange(self.num_batches)[:, None] * global_batch + self.rank * self.batch_size
+                + np.arange(self.batch_size)).ravel()  # positions in the order, batch by batch
+        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
 class MixCollate:
-    """Collate (image, label, seed) items; apply torchvision's MixUp / CutMix under the batch's first seed."""
+    """Collate (image, label, seed) items; apply torchvision's MixUp / CutMix under the batch's first seed.
+
+    Under DDP each process mixes its own share of the global batch (partners and mixing weight from its first
+    seed): the samples and their augmentation are those of one process with the global batch, the mixing
+    pairs are not, and are the same for every net run on the same number of devices.
+    """
 
     def __init__(self, num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> None:
         choices = []
@@ -234,7 +262,8 @@ class ImageDataModule(pl.LightningDataModule):
     Args:
         dataset: a name from `lightning_modules.catalog.DATASETS`.
         img_size / in_chans: what the net consumes.
-        batch_size: per-process batch size.
+        batch_size: the batch of each process: the spec's global batch divided by its devices (training
+            batches shrink with a small subset, `per_process_batch`; evaluation batches are twice as large).
         train_fraction: share of the training pool, in (0, 1] (stratified, nested).
         val_size: validation images carved from the training split (with
             `val_fraction`: the cap).
@@ -343,9 +372,13 @@ class ImageDataModule(pl.LightningDataModule):
 
     # -- loaders
     def train_dataloader(self) -> DataLoader:
-        batch = min(self.batch_size, self.n_train)
-        return ResumableDataLoader(  # a run resumed mid-epoch continues with the next batch
-            self.train_set, batch_size=batch, sampler=SeededShuffle(self.n_train, self.data_seed), drop_last=True,
+        """Training batches of `per_process_batch` images; under DDP this process's share of each global batch
+        (its rank and the number of processes are the trainer's). A run resumed mid-epoch continues with the
+        next batch (`ResumableDataLoader`)."""
+        processes, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        batch = per_process_batch(self.batch_size, self.n_train, processes)
+        return ResumableDataLoader(
+            self.train_set, batch_size=batch, sampler=SeededShuffle(self.n_train, self.data_seed, batch, processes, rank),
             num_workers=self.num_workers, collate_fn=MixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha),
             persistent_workers=self.num_workers > 0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,10 +53,15 @@ def test_warmup_then_cosine() -> None:
     assert warmup_cosine(55, 100, 10, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def one_process() -> object:
+    """What training_step reads of its trainer when it runs in one process."""
+    return SimpleNamespace(world_size=1, global_rank=0, global_step=0)
+
+
 def test_soft_and_hard_targets_give_the_same_loss() -> None:
     net = build_model("resnet18", 4, 1, 32)
     module = ImageClassifier(net, 4, label_smoothing=0.1)
-    module.trainer = type("T", (), {"should_stop": False})()
+    module.trainer = one_process()
     module.log = lambda *a, **k: None  # no trainer attached: logging is not under test here
     images, labels = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])
     net.eval()
@@ -64,11 +70,10 @@ def test_soft_and_hard_targets_give_the_same_loss() -> None:
     assert torch.allclose(hard, soft, atol=1e-6)
 
 
-def test_non_finite_loss_marks_the_run_diverged() -> None:
-    net = build_model("resnet18", 4, 1, 32)
-    module = ImageClassifier(net, 4)
-    trainer = type("T", (), {"should_stop": False})()
-    module.trainer = trainer
+def test_a_non_finite_loss_stops_the_run_naming_the_step() -> None:
+    """One process: the step is named, and no rank list (tests/test_ddp.py covers several processes)."""
+    module = ImageClassifier(build_model("resnet18", 4, 1, 32), 4)
+    module.trainer = SimpleNamespace(world_size=1, global_rank=0, global_step=7)
     images = torch.full((2, 1, 32, 32), float("nan"))
-    assert module.training_step((images, torch.tensor([0, 1])), 0) is None
-    assert module.diverged and trainer.should_stop
+    with pytest.raises(FloatingPointError, match=r"^training loss became non-finite at step 7$"):
+        module.training_step((images, torch.tensor([0, 1])), 0)

@@ -256,7 +256,7 @@ class Positions(Dataset):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_the_training_loader_resumes_mid_epoch_at_the_next_batch(workers: int) -> None:
     def loader() -> ResumableDataLoader:
-        return ResumableDataLoader(Positions(), batch_size=4, sampler=SeededShuffle(40, data_seed=3), drop_last=True,
+        return ResumableDataLoader(Positions(), batch_size=4, sampler=SeededShuffle(40, data_seed=3, batch_size=4),
                                    num_workers=workers, collate_fn=list, persistent_workers=workers > 0)
 
     def epoch(dl: ResumableDataLoader, number: int, stop: int | None = None) -> list[list[int]]:

@@ -49,7 +49,8 @@ def test_result_json_follows_the_contract(finished: tuple[RunSpec, dict, Path]) 
     assert on_disk["architecture"]["timm_name"] == "resnet18" and on_disk["architecture"]["in_chans"] == 1
     assert RunSpec.from_dict(json.loads(rundir.spec_json.read_text())).run_id == spec.run_id
     m = on_disk["metrics"]
-    assert set(m) == {"test/acc1", "test/acc5", "test/nll", "test/ece", "train/acc1", "train/loss"}
+    assert set(m) == {"test/acc1", "test/acc5", "test/nll", "test/ece", "train/acc1", "train/loss",
+                      "test/nll_ts", "test/ece_ts", "calib/temperature", "calib/val_nll", "calib/val_nll_ts"}
     assert all(0 <= m[k] <= 1 for k in ("test/acc1", "test/acc5", "test/ece", "train/acc1"))
     assert on_disk["train_steps"] == 6 and on_disk["train_images_seen"] == 6 * 32
     assert rundir.best_ckpt.is_file() and rundir.last_ckpt.is_file()
