@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from analysis import collect, dashboard, plots, report, tables
+from analysis import collect, dashboard, plots, report, tables, tuning
 from analysis.collect import Collection
 from common.wandb_mode import ModeError
 
@@ -48,6 +48,11 @@ def _plots(args: argparse.Namespace, collection: Collection) -> str:
     return f"{len(written)} figures -> {out_dir} ({len(skipped)} skipped: {', '.join(skipped) or 'none'})"
 
 
+def _tuning(args: argparse.Namespace, collection: Collection) -> str:
+    path = tuning.write_tuning_table(collection, args.results_dir, args.sweep)
+    return tuning.tuning_table(collection) + f"-> {path}"
+
+
 def _report(args: argparse.Namespace, collection: Collection) -> str:
     path = report.make_report(collection, args.sweep, args.results_dir, args.wandb, _files_dir(args))
     return f"report -> {path}"
@@ -67,6 +72,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace, Collection], str]]]
     "tables": ("Regenerate the sweep's tables (Markdown and LaTeX).", _tables),
     "plots": ("Regenerate the sweep's figures (PNG and PDF).", _plots),
     "report": ("Collect the sweep and write its tables, figures and report.md.", _report),
+    "tuning": ("Write a tuning sweep's validation table (results/SWEEP/tuning.md; no test numbers).", _tuning),
     "dashboard": ("Build a W&B Report (dashboard) of the sweep's W&B runs and save it.", _dashboard),
 }
 
