@@ -350,6 +350,7 @@ class Setup:
     channels_last: bool
     attention: str
     device: torch.device
+    fused_adamw: bool = False  # the switch the suite does not use yet: AdamW's fused kernel
 
     @property
     def num_classes(self) -> int:
@@ -457,13 +458,17 @@ class Probe:
 
 
 def recipe_optimizer(net: nn.Module, setup: Setup) -> torch.optim.Optimizer:
-    """The optimizer a run uses (`ImageClassifier.configure_optimizers`: AdamW, weight-decay groups); the net
-    keeps the setup's memory layout (the classifier makes a CNN channels-last, in place)."""
+    """The optimizer a run uses (`ImageClassifier.configure_optimizers`: AdamW, weight-decay groups; with
+    `setup.fused_adamw`, the same groups with the fused kernel); the net keeps the setup's memory layout (the
+    classifier makes a CNN channels-last, in place)."""
     from lightning_modules.classifier import ImageClassifier
 
     module = ImageClassifier(net, setup.num_classes, lr=setup.spec.lr, weight_decay=setup.spec.weight_decay)
     optimizer = module.configure_optimizers()["optimizer"]
     net.to(memory_format=setup.layout)  # in place: the optimizer keeps the same parameters
+    if setup.fused_adamw:  # the groups' own settings minus the implementation flags, which the groups would keep
+        groups = [{k: v for k, v in group.items() if k not in ("fused", "foreach")} for group in optimizer.param_groups]
+        optimizer = type(optimizer)(groups, fused=True)
     return optimizer
 
 
@@ -675,6 +680,7 @@ def run_switches(ctx: Context, setup: Setup, timing: Timing) -> None:
         variants["attention-math"] = (replace(setup, attention="math"), "unfused attention (SDPA math backend)")
     if setup.precision == "bf16-mixed":
         variants["fp32"] = (replace(setup, precision="32-true"), "no bf16 autocast")
+    variants["fused-adamw"] = (replace(setup, fused_adamw=True), "AdamW(fused=True), the same groups")
 
     def arm(variant: Setup) -> Callable[[], Measured]:
         def run() -> Measured:
@@ -1179,24 +1185,25 @@ def run_data(ctx: Context, setup: Setup, timing: Timing) -> None:
         return next_batch
 
     loader_batches = cycle(loader)
+    # the batches the workers hold ready (filled while other arms ran) are drained in the warm-up
+    drained = replace(timing, warmup=timing.warmup + loader.num_workers * (loader.prefetch_factor or 0))
 
-    def train_on(batch: Callable[[], tuple[Tensor, Tensor]]) -> Callable[[], Measured]:
+    def train_on(batch: Callable[[], tuple[Tensor, Tensor]], timing: Timing) -> Callable[[], Measured]:
         def run() -> Measured:
             optimizer = recipe_optimizer(net, setup)
             return time_windows(plain_train_step(net, setup, batch, optimizer), timing, device)
         return run
 
     def loader_alone() -> Measured:
-        fetch = from_loader(loader_batches)
-        return time_windows(fetch, timing, device)
+        return time_windows(from_loader(loader_batches), drained, device)
 
-    arms = {"model_only": train_on(lambda: (images, labels)), "loader": train_on(from_loader(loader_batches)),
-            "loader_alone": loader_alone}
+    arms = {"model_only": train_on(lambda: (images, labels), timing),
+            "loader": train_on(from_loader(loader_batches), drained), "loader_alone": loader_alone}
     resident_note = ""
     if ctx.options.gpu_resident:
         try:
             train, _, resident_note = resident_data(replace(spec, batch_size=setup.batch), setup.batch, device)
-            arms["resident"] = train_on(from_loader(cycle(train)))
+            arms["resident"] = train_on(from_loader(cycle(train)), timing)
         except ValueError as exc:
             resident_note = f"resident: {exc}"
     results = interleave(arms, timing.rounds)

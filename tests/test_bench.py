@@ -200,10 +200,22 @@ def test_switches_flip_one_setting(tmp_path: Path) -> None:
     setup = bench.make_setup(ctx.options, "vit_tiny_p4", torch.device("cpu"))
     bench.run_switches(ctx, setup, bench.QUICK)
     rows = {r.arm: r for r in ctx.rows}
-    assert set(rows) == {"suite", "attention-math", "fp32"}
+    assert set(rows) == {"suite", "attention-math", "fp32", "fused-adamw"}
     assert (rows["attention-math"].attention, rows["attention-math"].precision) == ("math", "bf16-mixed")
     assert (rows["fp32"].attention, rows["fp32"].precision) == ("auto", "32-true")
     assert rows["suite"].ratio == 1.0
+
+
+def test_the_fused_adamw_switch_keeps_the_recipes_groups() -> None:
+    setup = bench.make_setup(options(), "vit_tiny_p4", torch.device("cpu"))
+    net = bench.build_net(setup, 0)
+    suite = bench.recipe_optimizer(net, setup)
+    fused = bench.recipe_optimizer(net, dataclasses.replace(setup, fused_adamw=True))
+    assert all(group["fused"] for group in fused.param_groups) and not suite.param_groups[0]["fused"]
+    for ours, theirs in zip(suite.param_groups, fused.param_groups):
+        assert [id(p) for p in ours["params"]] == [id(p) for p in theirs["params"]]
+        assert {k: ours[k] for k in ("lr", "betas", "eps", "weight_decay")} == {
+            k: theirs[k] for k in ("lr", "betas", "eps", "weight_decay")}
 
 
 # ------------------------------------------------------------------ resident data
