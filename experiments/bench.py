@@ -1203,7 +1203,9 @@ def run_data(ctx: Context, setup: Setup, timing: Timing) -> None:
     if ctx.options.gpu_resident:
         try:
             train, _, resident_note = resident_data(replace(spec, batch_size=setup.batch), setup.batch, device)
-            arms["resident"] = train_on(from_loader(cycle(train)), timing)
+            resident_batches = cycle(train)
+            arms["resident"] = train_on(from_loader(resident_batches), timing)
+            arms["resident_alone"] = lambda: time_windows(from_loader(resident_batches), timing, device)
         except ValueError as exc:
             resident_note = f"resident: {exc}"
     results = interleave(arms, timing.rounds)
@@ -1220,6 +1222,8 @@ def run_data(ctx: Context, setup: Setup, timing: Timing) -> None:
         where = "the GPU" if device.type == "cuda" else "the CPU (no CUDA device here: host tensors, batched)"
         rows.append(ctx.row(setup, "data", "resident", "train", results["resident"],
                             note=f"ResidentBatches on {where}" + (f"; {resident_note}" if resident_note else "")))
+        rows.append(ctx.row(setup, "data", "resident_alone", "load", results["resident_alone"],
+                            note="the resident batches alone (no model)"))
     elif resident_note:
         rows[-1].note += f"; {resident_note}"
     compare(rows, reference, RATIO_GOALS["data"], goal_arms=("loader", "resident"))

@@ -347,7 +347,7 @@ def test_quick_profile_runs_every_comparison(tmp_path: Path) -> None:
     assert code == 0 and not [r for r in rows if r["arm"] == "failed"]
     assert {r["comparison"] for r in rows} == set(bench.COMPARISONS)
     assert {r["arm"] for r in rows if r["comparison"] == "data"} == {"model_only", "loader", "loader_alone",
-                                                                     "resident"}
+                                                                     "resident", "resident_alone"}
     assert {r["arm"] for r in rows if r["comparison"] == "compile"} == {"eager", "compiled"}
 
 
