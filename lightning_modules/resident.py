@@ -44,15 +44,6 @@ DEVICE_FIXED = ("ToImage", "Resize", "CenterCrop", "_ToChannels", "ToDtype", "No
 
 
 # ------------------------------------------------------------------ batched image operations
-def to_channels(x: Tensor, in_chans: int) -> Tensor:
-    """(B, C, H, W) float -> (B, in_chans, H, W): grey repeated, RGB to grey with torchvision's weights."""
-    if x.shape[1] == in_chans:
-        return x
-    if x.shape[1] == 3:
-        x = (x * torch.tensor([0.2989, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    return x.expand(-1, in_chans, -1, -1)
-
-
 def reflect_crop(x: Tensor, padding: int, top: Tensor, left: Tensor, size: int) -> Tensor:
     """Per image, the (size x size) window at (top, left) of the image reflect-padded by `padding` on each
     side, without materialising the padded batch (any dtype: indices only, so exact).
@@ -74,23 +65,6 @@ def reflect_crop(x: Tensor, padding: int, top: Tensor, left: Tensor, size: int) 
     x = x.gather(2, rows)  # (B, C, S, W)
     cols = reflected(left, W)[:, None, None, :].expand(B, C, size, size)  # (B, C, S, S)
     return x.gather(3, cols)  # (B, C, S, S)
-
-
-def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """Per image, a random crop of the reflect-padded image back to its size, then a horizontal flip with
-    probability 1/2, drawn from `generator` (the bench's synthetic arms; training draws per sample instead).
-
-    Args:
-        x: (B, C, H, W), square.
-        padding: pixels of reflection on each side.
-        generator: the draws' source, on x's device.
-    """
-    B, size = x.shape[0], x.shape[-1]
-    top = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=x.device)
-    left = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=x.device)
-    flip = torch.rand(B, generator=generator, device=x.device) < 0.5
-    x = reflect_crop(x, padding, top, left, size)  # (B, C, S, S)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 # ------------------------------------------------------------------ what can be resident
@@ -241,5 +215,4 @@ class ResidentBatches:
         return x, labels
 
 
-__all__ = ["MEMORY_SHARE", "ResidentBatches", "device_steps", "random_crop_flip", "reflect_crop", "resident_support",
-           "to_channels"]
+__all__ = ["MEMORY_SHARE", "ResidentBatches", "device_steps", "reflect_crop", "resident_support"]
