@@ -125,3 +125,16 @@ def test_schema_checks_the_runtime_section() -> None:
 def test_compile_trains_a_tiny_run_on_cpu(tmp_path: Path) -> None:
     result = result_of(tmp_path, "compiled", model="vit_tiny_p4", compile=True)
     assert result["runtime"]["compile"] is True and result["train_steps"] == 4
+
+
+def test_a_sweep_sets_the_switches_for_every_run_and_keeps_the_ids(tmp_path: Path) -> None:
+    from experiments.sweep import load_sweep
+
+    base = ("parameters:\n  sweep: {value: s}\n  dataset: {value: synthetic}\n"
+            "  model: {values: [resnet18, vit_tiny_p4]}\n")
+    plain, fast = tmp_path / "plain.yaml", tmp_path / "fast.yaml"
+    plain.write_text(base)
+    fast.write_text(base + "  compile: {value: true}\n  resident: {value: auto}\n  channels_last: {value: false}\n")
+    runs, fast_runs = load_sweep(plain).ordered, load_sweep(fast).ordered
+    assert [s.run_id for s in runs] == [s.run_id for s in fast_runs]
+    assert all(s.compile is True and s.resident == "auto" and s.channels_last is False for s in fast_runs)
