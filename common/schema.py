@@ -23,6 +23,15 @@ METRIC_PREFIXES = ("train/", "val/", "test/", "corrupt/", "occlusion/", "shuffle
 # Spec fields that say where or how a run is placed and logged, not what it
 # computes: left out of run_id, and out of the report's description of a sweep.
 PLACEMENT_FIELDS = ("sweep", "data_dir", "weights_file", "wandb", "num_workers")
+# Spec fields that say how fast a run computes, not what: the fast-path switches. None changes the math (the
+# resident path gives the loader's batches; the others change floating-point rounding only, as the device and
+# library versions do), so they are left out of run_id too; what was in effect is the result's `runtime`.
+RUNTIME_FIELDS = ("channels_last", "fused_attention", "compile", "resident")
+# The `runtime` section: the switches in effect for the run (a switch with nothing to act on is off: channels
+# last for a net without convolutions, fused attention for a net without attention), and for `resident`
+# requested as "auto" the reason it resolved off ("" when on).
+RUNTIME: dict[str, str] = {"channels_last": "bool", "fused_attention": "bool", "compile": "bool",
+                           "resident": "bool", "resident_note": "str"}
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ SECTIONS: dict[str, str] = {
     "selected": "selected/",  # the validation evaluation that chose the checkpoint
     "metrics": "",  # metric name -> value, of the selected checkpoint (METRIC_PREFIXES)
     "architecture": "architecture/",  # the net as built: resolved ViT config or timm kwargs
+    "runtime": "runtime/",  # the fast-path switches in effect (RUNTIME)
     "versions": "versions/",
     "spec": "spec/",  # every RunSpec field: enough to rerun the run
 }
@@ -146,3 +156,8 @@ def check(record: Any) -> None:
             for key, value in section.items():
                 if not (value is None or is_number(value)):
                     raise ResultError(f"metrics[{key!r}]={value!r} is not a number")
+        if name == "runtime":
+            for key, value in section.items():
+                if key not in RUNTIME:
+                    raise ResultError(f"runtime[{key!r}] is not one of {', '.join(RUNTIME)}")
+                check_scalar(f"runtime[{key!r}]", value, RUNTIME[key])

@@ -70,6 +70,7 @@ from common.files import atomic_write
 from experiments.precision import X86_BF16_FLAGS, cpu_flags, detect, resolve
 from experiments.spec import RunSpec
 from lightning_modules.catalog import DATASETS, MODELS
+from lightning_modules.resident import ResidentBatches, resident_support
 
 COMPARISONS = ("main", "lightning", "timm", "data", "switches", "compile")
 DEFAULT_COMPARISONS = COMPARISONS[:-1]  # compilation takes tens of seconds a model: asked for with --compile
@@ -1006,151 +1007,34 @@ def run_timm(ctx: Context, setup: Setup, timing: Timing) -> None:
 
 
 # ------------------------------------------------------------------ data
-class ResidentBatches:
-    """A dataset held as one uint8 tensor on the device, batched and augmented there, so no loader stands
-    between it and the model.
-
-    Per batch: the images (N, C, h, w) are indexed, converted to the net's channels (grey repeated, RGB
-    averaged to grey as torchvision weighs it), resized to `img_size` (bilinear, antialiased), augmented
-    ("basic": a reflect-padded random crop by img_size // 8 and a horizontal flip, as `build_transforms`
-    does at small sizes), normalised, then mixed (MixUp / CutMix, as `MixCollate`). Each epoch's order and
-    every batch's draws come from a generator seeded with (data_seed, epoch, batch): the same for every
-    net, as the fairness rule asks, though not the CPU pipeline's draws.
-
-    Args:
-        images: (N, C, h, w) uint8, on the device the batches are wanted on.
-        labels: (N,) int64, same device.
-        img_size / in_chans: what the net consumes.
-        mean / std: per net input channel, in [0, 1] pixel units.
-        augment: "none" | "basic".
-        batch_size: images per batch.
-        data_seed: seed of order and draws.
-        shuffle: a new order each epoch (training) or the stored order (evaluation, last batch kept).
-        num_classes / mixup_alpha / cutmix_alpha: MixUp / CutMix (0: off).
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, img_size: int, in_chans: int, mean: Sequence[float],
-                 std: Sequence[float], augment: str, batch_size: int, data_seed: int, shuffle: bool = True,
-                 num_classes: int = 10, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> None:
-        from lightning_modules.data import MixCollate
-
-        if augment not in ("none", "basic"):
-            raise ValueError(f"invalid augment={augment!r} for resident data (allowed: none | basic)")
-        self.images, self.labels = images, labels
-        self.img_size, self.in_chans, self.augment = img_size, in_chans, augment
-        self.batch_size, self.data_seed, self.shuffle = batch_size, data_seed, shuffle
-        self.mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-        self.mix = MixCollate(num_classes, mixup_alpha, cutmix_alpha).mix if shuffle else None
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.shuffle else math.ceil(n / self.batch_size)
-
-    def seed(self, *parts: int) -> int:
-        return int(np.random.SeedSequence([self.data_seed, *parts]).generate_state(1, np.uint64)[0] >> 1)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        device, n, epoch = self.images.device, len(self.labels), self.epoch
-        generator = torch.Generator(device=device)
-        if self.shuffle:
-            self.epoch += 1
-            generator.manual_seed(self.seed(epoch, 7))
-            order = torch.randperm(n, generator=generator, device=device)
-        else:
-            order = torch.arange(n, device=device)
-        for b in range(len(self)):
-            rows = order[b * self.batch_size:(b + 1) * self.batch_size]
-            generator.manual_seed(self.seed(epoch, b))
-            yield self.batch(rows, generator, mix_seed=self.seed(epoch, b, 1))
-
-    def batch(self, rows: Tensor, generator: torch.Generator, mix_seed: int = 0) -> tuple[Tensor, Tensor]:
-        """(images (B, in_chans, S, S) float, labels (B,) or soft targets (B, K)) of the stored rows `rows`."""
-        x = self.images[rows].float().div_(255)  # (B, C, h, w)
-        x = to_channels(x, self.in_chans)  # (B, in_chans, h, w)
-        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False,
-                              antialias=True)  # (B, in_chans, S, S)
-        if self.augment == "basic":
-            x = random_crop_flip(x, max(1, self.img_size // 8), generator)
-        x = (x - self.mean) / self.std
-        labels = self.labels[rows]
-        if self.mix is not None:  # torchvision draws MixUp / CutMix from the CPU generator
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(mix_seed)
-                x, labels = self.mix(x, labels)
-        return x, labels
-
-
-def to_channels(x: Tensor, in_chans: int) -> Tensor:
-    """(B, C, H, W) -> (B, in_chans, H, W): grey repeated, RGB to grey with torchvision's weights."""
-    if x.shape[1] == in_chans:
-        return x
-    if x.shape[1] == 3:
-        x = (x * torch.tensor([0.2989, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    return x.expand(-1, in_chans, -1, -1)
-
-
-def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
-    """Per image: a random crop of the reflect-padded image back to its size, then a horizontal flip with
-    probability 1/2 (torchvision's RandomCrop(padding, "reflect") + RandomHorizontalFlip, batched).
-
-    Args:
-        x: (B, C, H, W).
-        padding: pixels of reflection on each side.
-        generator: the draws' source, on x's device.
-    """
-    B, C, H, W = x.shape
-    padded = F.pad(x, (padding,) * 4, mode="reflect")  # (B, C, H + 2p, W + 2p)
-    top = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=x.device)
-    left = torch.randint(0, 2 * padding + 1, (B,), generator=generator, device=x.device)
-    flip = torch.rand(B, generator=generator, device=x.device) < 0.5
-    rows = (top[:, None] + torch.arange(H, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (left[:, None] + torch.arange(W, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)  # a flipped crop reads its columns reversed
-    x = padded.gather(2, rows.expand(B, C, H, padded.shape[-1]))  # (B, C, H, W + 2p)
-    return x.gather(3, cols.expand(B, C, H, W))  # (B, C, H, W)
-
-
 def resident_data(spec: RunSpec, batch: int, device: torch.device) -> tuple[ResidentBatches, ResidentBatches, str]:
-    """The spec's training subset and test split as `ResidentBatches` on `device`, and a note on what differs
-    from the spec's loader (augmentations the resident path does not do).
+    """The spec's training subset and test split as `lightning_modules.resident.ResidentBatches` on `device`
+    (what a run with `resident` trains on: the loader's batches, made on the device), and a note on what differs
+    from the spec's recipe.
 
-    The split and the statistics are the `ImageDataModule`'s own; it is set up at the stored image size, so
-    that nothing is resized on the host (the batches are resized on the device).
+    RandAugment has no device version: a spec with it is benchmarked with its augmentation set to "basic" (at
+    224 px a random resized crop and a flip), which the note says.
 
     Raises:
         DataError: the data cannot be loaded.
-        ValueError: the dataset is not held in memory (image files).
+        ValueError: the data cannot be resident (image files, or too large for the device).
     """
     from experiments.train import build_datamodule
-    from lightning_modules.datasets import TensorImages
+    from lightning_modules.data import MixCollate, SeededShuffle
 
-    datamodule = build_datamodule(spec)
-    source = datamodule.load_source()
-    if not isinstance(source.train, TensorImages) or not isinstance(source.test, TensorImages | None):
-        raise ValueError(f"dataset={spec.dataset!r} is not held in memory: no resident path")
-    datamodule.img_size = source.native_size  # the split and statistics do not depend on the size
-    datamodule.setup()
     augment, note = spec.augment, ""
     if augment == "randaug":
-        augment, note = "basic", "randaug is not on the resident path: basic crop + flip instead"
-    norm = datamodule.normalization
-
-    def held(part: Any, indices: np.ndarray) -> tuple[Tensor, Tensor]:
-        rows = torch.as_tensor(indices)
-        return part.images[rows].to(device), torch.as_tensor(part.targets[indices]).to(device)
-
-    train = ResidentBatches(*held(source.train, datamodule.train_idx), spec.img_size, spec.net_in_chans,
-                            norm.mean, norm.std, augment, batch, spec.data_seed, shuffle=True,
-                            num_classes=datamodule.num_classes, mixup_alpha=spec.mixup_alpha,
-                            cutmix_alpha=spec.cutmix_alpha)
-    test_part = source.test if source.test is not None else source.train
-    test_idx = (np.arange(len(source.test)) if source.test is not None
-                else datamodule.test_set.indices)
-    test = ResidentBatches(*held(test_part, test_idx), spec.img_size, spec.net_in_chans, norm.mean, norm.std,
-                           "none", 2 * batch, spec.data_seed, shuffle=False)
+        augment, note = "basic", "randaug has no device version: basic augmentation instead"
+    datamodule = build_datamodule(replace(spec, augment=augment, resident=False))
+    datamodule.setup()
+    why = resident_support(datamodule, device)
+    if why:
+        raise ValueError(f"no resident path: {why}")
+    batch = min(batch, datamodule.n_train)
+    train = ResidentBatches(datamodule.train_set, batch, device,
+                            sampler=SeededShuffle(datamodule.n_train, spec.data_seed, batch),
+                            mix=MixCollate(datamodule.num_classes, spec.mixup_alpha, spec.cutmix_alpha))
+    test = ResidentBatches(datamodule.test_set, 2 * batch, device)
     return train, test, note
 
 

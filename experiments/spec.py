@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from common.schema import PLACEMENT_FIELDS
+from common.schema import PLACEMENT_FIELDS, RUNTIME_FIELDS
 from experiments.precision import PRECISIONS
 from lightning_modules.catalog import DATASETS, MODELS, PRETRAINING_SOURCES
 from lightning_modules.vit_config import ARCH_FIELDS, ConfigError
@@ -55,6 +55,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         augment="basic", val_size=1000, val_fraction=0.1, precision="auto", devices=1,
         pretrain_steps=600, pretrain_size=12800, pretrain_classes=64,
         pretrain_fraction=1.0, grad_clip=1.0, num_workers=0,
+        # the fast path as it was before these switches (channels-last CNNs, fused attention); compile and
+        # resident data off: neither is measured to help on this 2-core CPU (benchmarks/RESULTS.md)
+        channels_last=True, fused_attention=True, compile=False, resident=False,
     ),
     # One GPU: paper-scale nets at 224 px on CIFAR, DeiT-style regularisation, the same protocol (a budget
     # of ~50 epochs of the full training set at every size, best of 40 validations, early stopping from
@@ -67,6 +70,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         augment="randaug", val_size=5000, val_fraction=0.1, precision="auto", devices=1,
         pretrain_steps=20_000, pretrain_size=100_000, pretrain_classes=1000,
         pretrain_fraction=1.0, grad_clip=1.0, num_workers=8,
+        # bf16 comes from precision=auto (native on Ampere and newer). Resident data where the recipe's
+        # augmentation runs on the device (in-memory datasets, crop / resized crop / flip; not RandAugment:
+        # "auto" then resolves off and the result says why). torch.compile off until measured on a GPU to pay
+        # back within a run (benchmarks/gpu_check.sh measures it).
+        channels_last=True, fused_attention=True, compile=False, resident="auto",
     ),
 }
 # Cluster: the GPU recipe with 4 GPUs per run through DDP (batch_size is global).
@@ -103,7 +111,11 @@ class RunSpec:
     initialisation. Fields added after the first runs (`patience`,
     `val_fraction`, `pretrain_epochs`, `robust_subset`, `explain_images`, the
     architecture overrides) are left out of `run_id` at their defaults, which reproduce the
-    earlier behaviour, so existing run ids stay valid.
+    earlier behaviour, so existing run ids stay valid. The fast-path switches
+    (`channels_last`, `fused_attention`, `compile`, `resident`; RUNTIME_FIELDS)
+    are never in `run_id`: they change how fast a run computes, not what
+    (the resident path gives the loader's very batches), so a run is the same
+    run whichever path made it; its result's `runtime` says which did.
     """
 
     # what is compared
@@ -146,6 +158,14 @@ class RunSpec:
     pretrain_epochs: float = 0.0
     robust_subset: int = 0
     explain_images: int = 0
+    # the fast path (RUNTIME_FIELDS: how fast, not what; left out of run_id; the defaults are the behaviour
+    # before these fields existed): channels-last memory for CNNs, fused attention (SDPA) for ViTs,
+    # torch.compile of the net, the training subset resident on the device (True | False | "auto": where the
+    # data and its augmentation can be)
+    channels_last: bool = True
+    fused_attention: bool = True
+    compile: bool = False
+    resident: bool | str = False
     # architecture overrides (None / empty: the registry's net). ViT fields, named as ARCH_FIELDS:
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -224,7 +244,8 @@ class RunSpec:
         before overrides existed stay what they were.
         """
         registry = MODELS[self.model].vit
-        values = {k: v for k, v in sorted(self.to_dict().items()) if k not in PLACEMENT_FIELDS}
+        values = {k: v for k, v in sorted(self.to_dict().items())
+                  if k not in PLACEMENT_FIELDS and k not in RUNTIME_FIELDS}
         for name in ARCH_FIELDS:
             if values[name] is None or (registry is not None and values[name] == getattr(registry, name)):
                 del values[name]
@@ -412,6 +433,13 @@ class RunSpec:
         need(v.wandb in WANDB_MODES, "wandb", " | ".join(WANDB_MODES))
         need(is_int(v.num_workers) and v.num_workers >= 0, "num_workers", "an integer >= 0")
         need(v.role in ("train", "pretrain"), "role", "train | pretrain")
+        for name in ("channels_last", "fused_attention", "compile"):
+            need(isinstance(getattr(v, name), bool), name, "true | false")
+        need(v.resident is True or v.resident is False or v.resident == "auto", "resident",
+             "true | false | auto (the training subset held and augmented on the device)")
+        if v.resident is True:
+            need(v.augment != "randaug", "resident", "false | auto with augment=randaug (RandAugment runs per "
+                                                     "image on the host, not on the device)")
         v.validate_architecture()
 
     def validate_architecture(self) -> None:

@@ -163,10 +163,34 @@ def preflight(spec: RunSpec) -> tuple[Prepared, Prepared | None]:
             prepare_once_per_node(upstream.datamodule.prepare_data, upstream_spec.dataset)
     except ValueError as exc:  # DataError, and bad split sizes
         raise SpecError("dataset", spec.dataset, str(exc)) if not isinstance(exc, DataError) else exc
+    resolve_resident(spec, datamodule)
     if per_process_batch(datamodule.batch_size, datamodule.n_train, spec.devices) == 0:
         raise SpecError("devices", spec.devices, f"at most {datamodule.n_train}, the training images at "
                         f"train_fraction={spec.train_fraction}: each device needs one image per step")
     return Prepared(spec, datamodule), upstream
+
+
+def resolve_resident(spec: RunSpec, datamodule: ImageDataModule) -> None:
+    """Decide whether the set-up `datamodule` trains from resident batches (`spec.resident`: True, False or
+    "auto", on where the data and its augmentation can be on the training device), and why not under "auto"
+    (`datamodule.resident_note`). Whichever it picks, the batches are the same (lightning_modules/resident.py).
+
+    Raises:
+        SpecError: resident=True where the data cannot be resident, with the reason.
+    """
+    import torch
+
+    from lightning_modules.resident import resident_support
+
+    datamodule.setup()
+    why = ""
+    if spec.resident is not False:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        why = resident_support(datamodule, device)
+    if spec.resident is True and why:
+        raise SpecError("resident", True, f"false | auto here: {why}")
+    datamodule.resident = spec.resident is not False and not why
+    datamodule.resident_note = why if spec.resident == "auto" else ""
 
 
 # ------------------------------------------------------------------ callbacks
@@ -354,11 +378,12 @@ def build(prepared: Prepared, upstream_dir: RunDir | None) -> Built:
     import lightning.pytorch as pl
     import torch
 
-    from lightning_modules.classifier import ImageClassifier
+    from lightning_modules.classifier import ImageClassifier, set_fused_attention
     from lightning_modules.models import architecture, build_model, count_params, flops_per_image, load_backbone
 
     spec, datamodule = prepared.spec, prepared.datamodule
     datamodule.setup()
+    resolve_resident(spec, datamodule)  # the pretraining run's data is set up here, not in preflight
     facts: dict[str, Any] = dict(n_train=datamodule.n_train, n_val=len(datamodule.val_idx),
                                  n_test=len(datamodule.test_set), subset_hash=datamodule.subset_hash)
     pl.seed_everything(spec.seed, workers=True, verbose=False)
@@ -377,7 +402,13 @@ def build(prepared: Prepared, upstream_dir: RunDir | None) -> Built:
     steps = spec.train_steps(datamodule.n_train)
     module = ImageClassifier(net, datamodule.num_classes, lr=spec.lr, weight_decay=spec.weight_decay,
                              total_steps=steps, warmup_steps=round(spec.warmup_frac * steps),
-                             min_lr_ratio=spec.min_lr_ratio, label_smoothing=spec.label_smoothing)
+                             min_lr_ratio=spec.min_lr_ratio, label_smoothing=spec.label_smoothing,
+                             channels_last=spec.channels_last)
+    fused = set_fused_attention(net, spec.fused_attention)
+    if spec.compile:
+        module.net.compile()  # in place: the state dict keeps its names, so checkpoints are unchanged
+    facts["runtime"] = dict(channels_last=module.channels_last, fused_attention=fused, compile=spec.compile,
+                            resident=bool(datamodule.resident), resident_note=getattr(datamodule, "resident_note", ""))
     facts["budget_steps"] = steps
     return Built(module, steps, flops, facts)
 

@@ -36,6 +36,20 @@ def prefers_channels_last(net: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in net.modules())
 
 
+def set_fused_attention(net: nn.Module, fused: bool) -> bool:
+    """Point every attention module of `net` at the fused kernel (`F.scaled_dot_product_attention`: flash or
+    memory-efficient attention where the device has them) or at the explicit softmax path; our ViT's
+    `Attention.fused` and timm's `fused_attn` alike. Returns whether fused attention is in effect (False for a
+    net without attention)."""
+    found = False
+    for module in net.modules():
+        for name in ("fused", "fused_attn"):
+            if isinstance(getattr(module, name, None), bool) and hasattr(module, "qkv"):
+                setattr(module, name, fused)
+                found = True
+    return found and fused
+
+
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup from 0, then cosine from 1 to `min_ratio`."""
     if step < warmup_steps:
@@ -57,14 +71,16 @@ class ImageClassifier(pl.LightningModule):
         min_lr_ratio: final LR as a share of `lr`.
         label_smoothing: cross-entropy label smoothing.
         betas: AdamW betas.
+        channels_last: hold a CNN's weights and inputs channels-last (no effect on a net without convolutions).
     """
 
     def __init__(self, net: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.05,
                  total_steps: int = 1000, warmup_steps: int = 100, min_lr_ratio: float = 0.01,
-                 label_smoothing: float = 0.1, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+                 label_smoothing: float = 0.1, betas: tuple[float, float] = (0.9, 0.999),
+                 channels_last: bool = True) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
-        self.channels_last = prefers_channels_last(net)
+        self.channels_last = channels_last and prefers_channels_last(net)
         self.net = net.to(memory_format=torch.channels_last) if self.channels_last else net
         metrics = lambda: torchmetrics.MetricCollection({  # noqa: E731 (one recipe for each split)
             "acc1": torchmetrics.Accuracy(task="multiclass", num_classes=num_classes, top_k=1),

@@ -250,8 +250,15 @@ class MixCollate:
         labels = torch.tensor([b[1] for b in batch])  # (B,)
         if self.mix is None:
             return images, labels
+        return self.mix_batch(images, labels, batch[0][2])
+
+    def mix_batch(self, images: torch.Tensor, labels: torch.Tensor, first_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """MixUp / CutMix of a stacked batch (B, C, H, W), (B,) under its first sample's seed (any device: the
+        draws come from the CPU generator)."""
+        if self.mix is None:
+            return images, labels
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(batch[0][2] + 1)
+            torch.manual_seed(first_seed + 1)
             return self.mix(images, labels)  # labels -> (B, K) soft targets
 
 
@@ -279,6 +286,9 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         train_eval_size: training images evaluated (no augmentation) for the train-test gap.
         normalization: the input statistics to use instead of the dataset's (a pretrained net's own).
+        resident: training batches from `lightning_modules.resident.ResidentBatches` (the subset held on the
+            trainer's device, the same batches made there) instead of a DataLoader; check `resident_support`
+            after `setup` first.
 
     After `setup`, `normalization` holds the statistics the inputs are normalised with (per net input
     channel, with their source), for result.json.
@@ -291,8 +301,9 @@ class ImageDataModule(pl.LightningDataModule):
                  data_dir: str | Path | None = None, download: bool = True,
                  fractal_classes: int = 0, fractal_size: int = 0, fractal_seed: int = 0,
                  num_workers: int = 0, train_eval_size: int = 1024,
-                 normalization: Normalization | None = None) -> None:
+                 normalization: Normalization | None = None, resident: bool = False) -> None:
         super().__init__()
+        self.resident = resident
         if dataset not in DATASETS:
             raise DataError(f"invalid dataset={dataset!r} (allowed: {DATASETS.allowed()})")
         self.dataset, self.img_size, self.in_chans = dataset, img_size, in_chans
@@ -377,10 +388,15 @@ class ImageDataModule(pl.LightningDataModule):
         next batch (`ResumableDataLoader`)."""
         processes, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         batch = per_process_batch(self.batch_size, self.n_train, processes)
-        return ResumableDataLoader(
-            self.train_set, batch_size=batch, sampler=SeededShuffle(self.n_train, self.data_seed, batch, processes, rank),
-            num_workers=self.num_workers, collate_fn=MixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha),
-            persistent_workers=self.num_workers > 0)
+        sampler = SeededShuffle(self.n_train, self.data_seed, batch, processes, rank)
+        mix = MixCollate(self.num_classes, self.mixup_alpha, self.cutmix_alpha)
+        if self.resident:
+            from lightning_modules.resident import ResidentBatches
+
+            device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+            return ResidentBatches(self.train_set, batch, device, sampler=sampler, mix=mix)
+        return ResumableDataLoader(self.train_set, batch_size=batch, sampler=sampler, num_workers=self.num_workers,
+                                   collate_fn=mix, persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size * 2, shuffle=False, num_workers=self.num_workers)

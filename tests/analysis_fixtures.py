@@ -60,6 +60,8 @@ def make_result(
         "selected": {"step": 100, "epoch": 2, "val/acc1": acc, "val/loss": 0.4},
         "metrics": all_metrics if status == "completed" else {},
         "architecture": ARCHITECTURE[model],
+        "runtime": {"channels_last": ARCH[model] == "cnn", "fused_attention": ARCH[model] == "vit", "compile": False,
+                    "resident": False, "resident_note": ""},
         "params": 23_528_522 if ARCH[model] == "cnn" else 1_200_000,
         "flops_per_image": flops, "train_steps": 100, "train_images_seen": 12_800,
         "train_flops": 3 * flops * 12_800, "train_images_per_s": 300.0 if ARCH[model] == "cnn" else 900.0,

@@ -33,7 +33,7 @@ def test_sections_follow_the_schema_order(tmp_path):
     rest = list(runs.columns[len(schema.FIELDS) + 2:])
     assert rest[0] == "run_note"  # an unknown top-level scalar: kept, before the sections
     first_column = {"selected": "selected/epoch", "metrics": "test/acc1", "architecture": "architecture/drop_path_rate",
-                    "versions": "versions/python", "spec": "spec/batch_size"}
+                    "runtime": "runtime/channels_last", "versions": "versions/python", "spec": "spec/batch_size"}
     positions = [rest.index(first_column[section]) for section in schema.SECTIONS]
     assert positions == sorted(positions)
     assert all(rest[p - 1] < rest[p] for p in range(1, len(rest)) if p not in positions)  # sorted within each

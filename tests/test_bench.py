@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from experiments import bench
-from lightning_modules.data import build_transforms
-from lightning_modules.datasets import Normalization
+from lightning_modules.data import MixCollate, SeededShuffle
 
 torch.set_num_threads(1)
 
@@ -180,7 +179,7 @@ def test_toggled_classifier_drops_only_the_toggled_logs(monkeypatch: pytest.Monk
                               (bench.Toggles(train_acc=False), ["train/loss"]),
                               (bench.Toggles(loss_log=False), ["train/acc1_batch"])):
         module = bench.toggled_classifier(bench.build_net(setup, 0), setup, toggles)
-        module.trainer = type("T", (), {"should_stop": False})()
+        module.trainer = type("T", (), {"should_stop": False, "world_size": 1, "global_rank": 0})()
         logged.clear()
         assert module.training_step(bench.fixed_batch(setup, 0), 0) is not None  # the suite's own step
         assert logged == expected
@@ -219,72 +218,7 @@ def test_the_fused_adamw_switch_keeps_the_recipes_groups() -> None:
 
 
 # ------------------------------------------------------------------ resident data
-def stored(n: int = 6, chans: int = 1, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(3)
-    return (torch.randint(0, 256, (n, chans, size, size), dtype=torch.uint8, generator=generator),
-            torch.arange(n) % 3)
-
-
-NORM = Normalization((0.3,), (0.2,), "test")
-
-
-@pytest.mark.parametrize("in_chans", [1, 3])
-def test_resident_batches_without_augmentation_equal_the_loaders_transform(in_chans: int) -> None:
-    images, labels = stored()
-    norm = NORM.for_channels(in_chans)
-    resident = bench.ResidentBatches(images, labels, 8, in_chans, norm.mean, norm.std, "none", 4, data_seed=0,
-                                     shuffle=False)
-    batches = list(resident)
-    assert [len(b[1]) for b in batches] == [4, 2]  # evaluation keeps the last, partial batch
-    transform = build_transforms(NORM, 8, in_chans, "none", train=False, native_size=8)
-    expected = torch.stack([transform(image) for image in images])
-    got = torch.cat([b[0] for b in batches])
-    assert got.shape == (6, in_chans, 8, 8)
-    assert torch.allclose(got, expected, atol=1e-6)
-    assert torch.equal(torch.cat([b[1] for b in batches]), labels)
-
-
-def test_resident_augmentation_is_a_reflect_padded_crop_or_its_flip() -> None:
-    import torchvision.transforms.v2.functional as TF
-
-    images, _ = stored(n=16)
-    resident = bench.ResidentBatches(images, torch.arange(16), 8, 1, NORM.mean, NORM.std, "basic", 16, data_seed=5)
-    batch, order = next(iter(resident))  # the labels are the stored rows
-    assert sorted(order.tolist()) == list(range(16))
-    plain = (images.float() / 255 - 0.3) / 0.2
-    padded = TF.pad(plain, [1, 1, 1, 1], padding_mode="reflect")  # padding = max(1, 8 // 8)
-    flips = 0
-    for image, row in zip(batch, order):
-        crops = [padded[row, :, t:t + 8, l:l + 8] for t in range(3) for l in range(3)]
-        same = [torch.allclose(image, c, atol=1e-6) for c in crops]
-        flipped = [torch.allclose(image, c.flip(-1), atol=1e-6) for c in crops]
-        assert any(same) or any(flipped)
-        flips += not any(same)
-    assert 0 < flips < 16
-
-
-def test_resident_order_and_draws_follow_the_data_seed_and_epoch() -> None:
-    images, labels = stored(n=12)
-
-    def epochs(seed: int) -> list[list[torch.Tensor]]:
-        resident = bench.ResidentBatches(images, labels, 8, 1, NORM.mean, NORM.std, "basic", 4, data_seed=seed)
-        return [[x for x, _ in resident] for _ in range(2)]
-
-    first, again, other = epochs(0), epochs(0), epochs(1)
-    assert all(torch.equal(a, b) for a, b in zip(first[0] + first[1], again[0] + again[1]))
-    assert not torch.equal(first[0][0], first[1][0])  # a new order and new draws each epoch
-    assert not torch.equal(first[0][0], other[0][0])
-
-
-def test_resident_mixup_gives_soft_targets() -> None:
-    images, labels = stored(n=8)
-    resident = bench.ResidentBatches(images, labels, 8, 1, NORM.mean, NORM.std, "basic", 4, data_seed=0,
-                                     num_classes=3, mixup_alpha=0.8, cutmix_alpha=1.0)
-    x, targets = next(iter(resident))
-    assert x.shape == (4, 1, 8, 8) and targets.shape == (4, 3)
-    assert torch.allclose(targets.sum(1), torch.ones(4))
-
-
+# ResidentBatches itself (the loader's batches, made on the device) is tested in tests/test_resident.py.
 def test_resident_data_takes_the_datamodules_split_and_statistics() -> None:
     setup = bench.make_setup(options(), "vit_tiny_p4", torch.device("cpu"))
     train, test, note = bench.resident_data(setup.spec, 8, torch.device("cpu"))
@@ -293,9 +227,19 @@ def test_resident_data_takes_the_datamodules_split_and_statistics() -> None:
     datamodule = build_datamodule(setup.spec)
     datamodule.setup()
     assert len(train.labels) == datamodule.n_train and len(test.labels) == len(datamodule.test_set)
-    assert train.augment == setup.spec.augment == "basic" and note == ""
+    assert setup.spec.augment == "basic" and note == "" and train.random and not test.random
     x, y = next(iter(train))
-    assert x.shape == (8, 1, 28, 28) and y.shape == (8,)  # stored at 32 px, resized on the device
+    assert x.shape == (8, 1, 28, 28) and y.shape == (8,)
+    sampler = SeededShuffle(datamodule.n_train, setup.spec.data_seed, 8)  # the loader's first batch of 8
+    first = next(iter(torch.utils.data.DataLoader(datamodule.train_set, batch_size=8, sampler=sampler,
+                                                  collate_fn=MixCollate(datamodule.num_classes, 0.0, 0.0))))
+    assert torch.equal(first[0], x) and torch.equal(first[1], y)
+
+
+def test_resident_data_with_randaug_says_what_it_benchmarks_instead() -> None:
+    setup = bench.make_setup(options(), "vit_tiny_p4", torch.device("cpu"))
+    _, _, note = bench.resident_data(dataclasses.replace(setup.spec, augment="randaug"), 8, torch.device("cpu"))
+    assert "randaug has no device version" in note
 
 
 # ------------------------------------------------------------------ end to end
