@@ -50,9 +50,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "cpu": dict(
         dataset="fashion_mnist", model="resnet50", img_size=28, batch_size=128,
         epochs=0.0, min_steps=72, max_steps=144, num_evals=16, patience=4,
-        lr=1e-3, min_lr_ratio=0.01, weight_decay=0.05, warmup_frac=0.1,
+        lr=2e-3, min_lr_ratio=0.01, weight_decay=0.05, warmup_frac=0.1,
         label_smoothing=0.1, mixup_alpha=0.0, cutmix_alpha=0.0, drop_path=0.0,
-        augment="basic", val_size=1000, val_fraction=0.1, precision="auto", devices=1,
+        augment="none", val_size=1000, val_fraction=0.1, precision="auto", devices=1,
         pretrain_steps=600, pretrain_size=12800, pretrain_classes=64,
         pretrain_fraction=1.0, grad_clip=1.0, num_workers=0,
         # the fast path as it was before these switches (channels-last CNNs, fused attention); compile and

@@ -220,14 +220,14 @@ def test_the_fused_adamw_switch_keeps_the_recipes_groups() -> None:
 # ------------------------------------------------------------------ resident data
 # ResidentBatches itself (the loader's batches, made on the device) is tested in tests/test_resident.py.
 def test_resident_data_takes_the_datamodules_split_and_statistics() -> None:
-    setup = bench.make_setup(options(), "vit_tiny_p4", torch.device("cpu"))
-    train, test, note = bench.resident_data(setup.spec, 8, torch.device("cpu"))
+    spec = dataclasses.replace(bench.make_setup(options(), "vit_tiny_p4", torch.device("cpu")).spec, augment="basic")
+    train, test, note = bench.resident_data(spec, 8, torch.device("cpu"))
     from experiments.train import build_datamodule
 
-    datamodule = build_datamodule(setup.spec)
+    datamodule = build_datamodule(spec)
     datamodule.setup()
     assert len(train.labels) == datamodule.n_train and len(test.labels) == len(datamodule.test_set)
-    assert setup.spec.augment == "basic" and note == "" and train.random and not test.random
+    assert note == "" and train.random and not test.random
     x, y = next(iter(train))
     assert x.shape == (8, 1, 28, 28) and y.shape == (8,)
     sampler = SeededShuffle(datamodule.n_train, setup.spec.data_seed, 8)  # the loader's first batch of 8
