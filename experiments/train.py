@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from common import untrusted
 from common.files import Busy, atomic_write
 from common.schema import SCHEMA_VERSION
 from experiments import console, tracking
@@ -529,16 +530,22 @@ def _flag_type(field: dataclasses.Field) -> Any:
 
 
 def _yaml_value(text: str) -> Any:
-    """A flag's text read as YAML (what it means is checked by RunSpec.validate); unreadable text stays a string."""
+    """A flag's text read as YAML (what it means is checked by RunSpec.validate); unreadable text stays a string.
+
+    Raises:
+        argparse.ArgumentTypeError: YAML beyond `common.untrusted`'s bounds (an alias bomb, deep nesting).
+    """
     try:
-        return yaml.safe_load(text)
+        return untrusted.load_yaml(text)
     except yaml.YAMLError:
         return text
+    except untrusted.InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One --flag per RunSpec field (defaults come from the profile)."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n")[0],
+    parser = untrusted.OneLineParser(prog="python -m experiments.train", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", type=Path, help="a spec.json to reproduce (other flags override it)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="root of run directories")
@@ -559,9 +566,12 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
                  if v is not None and k not in ("spec", "runs_dir", "profile", "verbose")}
     if args.spec is not None:
         try:
-            data = json.loads(args.spec.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SpecError("spec", str(args.spec), f"a readable spec.json ({type(exc).__name__})") from None
+            with open(args.spec, "rb") as f:
+                data = json.loads(untrusted.decode(f.read(untrusted.MAX_BYTES + 1)))
+            untrusted.check_size(data)
+        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, too large or deep
+            reason = str(exc) if isinstance(exc, untrusted.InputError) else type(exc).__name__
+            raise SpecError("spec", str(args.spec), f"a readable spec.json ({reason})") from None
         if not isinstance(data, dict):
             raise SpecError("spec", str(args.spec), "a JSON object of RunSpec fields")
         data.update(overrides)
