@@ -109,3 +109,12 @@ agent: install ## Run a W&B sweep agent in .venv (SWEEP_ID=ENTITY/PROJECT/ID fro
 	@if [ -z "$(SWEEP_ID)" ]; then echo "make agent: SWEEP_ID not set (allowed: ENTITY/PROJECT/ID, printed by" \
 		"$(VENV)/bin/wandb sweep experiments/sweeps/$(SWEEP).yaml)" >&2; exit 2; fi
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/wandb agent $(if $(COUNT),--count $(COUNT)) $(SWEEP_ID)
+
+# Speed: `make bench` measures the nets and where their time goes (experiments/bench.py); on a GPU machine
+# benchmarks/gpu_check.sh runs the gpu profile and short training runs within 8 minutes.
+PROFILE ?= cpu
+BENCH_ARGS ?=
+.PHONY: bench
+
+bench: install ## Training/inference speed and where it goes (PROFILE=cpu|gpu, BENCH_ARGS=--quick) -> benchmarks/results/
+	$(PY) -m experiments.bench --profile $(PROFILE) $(BENCH_ARGS)
