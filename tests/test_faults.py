@@ -400,3 +400,136 @@ def test_the_subset_hash_is_pinned_for_a_data_seed() -> None:
     shuffle.set_epoch(1)
     assert list(shuffle)[:2] == [(7, 2458540983987671756), (6, 3468765964742311197)]
 
+
+# ------------------------------------------------------------------ safety
+class Exploit:
+    """Unpickling it runs `touch MARKER`: what a malicious checkpoint, weights file or data file holds."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def source_files() -> list[Path]:
+    """The suite's Python source (tests excluded)."""
+    return [path for folder in ("common", "experiments", "lightning_modules", "analysis")
+            for path in sorted((REPO / folder).rglob("*.py"))]
+
+
+def malicious_checkpoint(path: Path, marker: Path) -> Path:
+    """A file that torch.load(weights_only=False) would open by running code: tensors and one Exploit."""
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "global_step": 4, "x": Exploit(marker)}, path)
+    return path
+
+
+def test_a_malicious_weights_file_is_refused_in_one_line_before_any_work(tmp_path: Path,
+                                                                          capfd: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "PWNED"
+    evil = malicious_checkpoint(tmp_path / "resnet18.pth", marker)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        code = train.main(["--model", "resnet18", "--dataset", "synthetic", "--pretraining", "imagenet",
+                           "--weights-file", str(evil), "--wandb", "off", "--runs-dir", str(tmp_path / "runs")])
+    out, err = capfd.readouterr()
+    assert code == 2 and not out, out
+    assert re.fullmatch(r"error: invalid --weights-file='.*resnet18\.pth' \(allowed: .*; it said it holds pickled "
+                        r"code, not only tensors \((posix|nt)\.system\): refused, as loading it would run it\)\n",
+                        err), err
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_every_checkpoint_of_a_run_loads_weights_only(tmp_path: Path) -> None:
+    """The suite's one loader (resume, the pretraining run's backbone, evaluate) refuses the same file in one line;
+    and no other torch.load is left in the source."""
+    from lightning_modules.models import ModelError, load_weights
+
+    marker = tmp_path / "PWNED"
+    evil = malicious_checkpoint(tmp_path / "last.ckpt", marker)
+    with pytest.raises(ModelError) as refused:
+        load_weights(evil)
+    assert re.fullmatch(r".*last\.ckpt does not load with weights_only \(it holds pickled code, not only tensors "
+                        r"\((posix|nt)\.system\): refused, as loading it would run it\)", str(refused.value))
+    assert "\n" not in str(refused.value) and not marker.exists()
+    truncated = tmp_path / "half.ckpt"
+    torch.save({"global_step": 4, "w": torch.zeros(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    with pytest.raises(ModelError, match=r"half\.ckpt does not load with weights_only \(\w+: [^\n]+\)$"):
+        load_weights(truncated)
+    calls = [(str(path.relative_to(REPO)), line.strip()) for path in source_files()  # code, not `quoted` in text
+             for line in path.read_text().splitlines() if re.search(r"(?<!`)\b(torch|pickle)\.loads?\(", line)]
+    assert [(path, "weights_only=True" in line) for path, line in calls] == [("lightning_modules/models.py", True)]
+
+
+def test_a_malicious_cifar_batch_is_refused(tmp_path: Path) -> None:
+    import pickle
+
+    from lightning_modules.datasets import DataError, DataRequest, load_cifar
+
+    marker = tmp_path / "PWNED"
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batch = {"data": np.zeros((2, 3072), dtype=np.uint8), "labels": [0, 1]}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": Exploit(marker)}))
+    with pytest.raises(DataError, match=r"^dataset=cifar10: .*batches\.meta is not a CIFAR batch \(it holds pickled "
+                                        r"code \((posix|nt)\.system\): refused"):
+        load_cifar(DataRequest("cifar10", tmp_path))
+    assert not marker.exists()
+
+
+PYTHON_TAG = '!!python/object/apply:os.system ["touch {marker}"]'
+
+
+def test_yaml_is_read_safely_a_python_tag_is_refused_and_never_run(tmp_path: Path,
+                                                                   capfd: pytest.CaptureFixture) -> None:
+    from experiments import sweep as sweep_cli
+
+    marker = tmp_path / "PWNED"
+    config = tiny_config()
+    config["parameters"]["seed"] = "__TAG__"
+    path = write_sweep(tmp_path / "tiny.yaml", config)
+    path.write_text(path.read_text().replace("__TAG__", PYTHON_TAG.format(marker=marker)))
+    assert sweep_cli.main([str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "python/object" in err, err
+    # a train flag is read as YAML too (booleans and mappings): the tag stays text and is refused as a value
+    code = train.main(["--dataset", "synthetic", "--model-kwargs", PYTHON_TAG.format(marker=marker), "--wandb", "off",
+                       "--runs-dir", str(tmp_path / "runs")])
+    err = capfd.readouterr().err
+    assert code == 2 and err.startswith("error: invalid model_kwargs=") and err.count("\n") == 1, err
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+    # and the source has no other way in: no yaml.load, unsafe_load, full_load or a Loader of Python objects
+    unsafe = re.compile(r"yaml\.(load|unsafe_load|full_load|load_all|unsafe_load_all|full_load_all)\(|"
+                        r"yaml\.(Unsafe|Full)?Loader\b|Loader=")
+    found = [f"{path.relative_to(REPO)}: {line.strip()}" for path in source_files()
+             for line in path.read_text().splitlines() if unsafe.search(line)]
+    assert not found, found
+
+
+FAKE_WANDB_KEY = "fake1wandb1key1" + "9" * 25  # a W&B key's 40 characters
+
+
+@pytest.mark.slow
+def test_a_wandb_key_in_the_environment_never_reaches_a_run_folder_or_its_output(tmp_path: Path) -> None:
+    """An offline W&B run (the mode with credentials and no network) writes its spec, result, logs, checkpoints and
+    W&B's own files; none holds the key, nor does the output. Run from tmp_path, so files written relative to the
+    working directory are searched too."""
+    runs = tmp_path / "runs"
+    env = {**ENV, "WANDB_API_KEY": FAKE_WANDB_KEY, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO),
+           "WANDB_DIR": str(tmp_path), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+           "WANDB_CONFIG_DIR": str(tmp_path / "config")}
+    args = [a for a in KILL_ARGS if a not in ("--wandb", "off")]
+    for flag, value in (("--min-steps", "4"), ("--max-steps", "4"), ("--num-evals", "2")):
+        args[args.index(flag) + 1] = value
+    proc = subprocess.run([sys.executable, "-m", "experiments.train", *args, "--wandb", "offline", "--runs-dir",
+                           str(runs)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rundir,) = [p.parent for p in runs.rglob("result.json")]
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in rundir.rglob("*")), "no offline W&B run was written"  # it was on
+    assert {"spec.json", "result.json", "metrics.csv"} <= {p.name for p in rundir.iterdir()}
+    leaks = [str(p.relative_to(tmp_path)) for p in written if FAKE_WANDB_KEY.encode() in p.read_bytes()]
+    assert not leaks and FAKE_WANDB_KEY not in proc.stdout + proc.stderr, leaks
