@@ -1,5 +1,5 @@
 """What survives what: SIGKILL anywhere, preemption, concurrent workers, dead lock holders, failing and diverging
-runs, and determinism across runs and machines.
+runs, determinism across runs and machines, and untrusted files (malicious pickles, YAML tags, W&B credentials).
 
 Faults are injected in child processes (`fault_injection.py`); each test reruns what a user would rerun and
 checks the end state: one valid result per run, resumed from the last checkpoint, with the final metrics of
