@@ -38,7 +38,7 @@ def load_trained(rundir: RunDir, precision: str | None = None) -> tuple[RunSpec,
     import torch
 
     from experiments.train import build_datamodule, resolved_precision
-    from lightning_modules.models import build_model
+    from lightning_modules.models import build_model, load_weights
 
     result = rundir.completed_result()
     if result is None:
@@ -51,7 +51,7 @@ def load_trained(rundir: RunDir, precision: str | None = None) -> tuple[RunSpec,
     datamodule.setup()
     net = build_model(spec.model, datamodule.num_classes, spec.net_in_chans, spec.img_size,
                       drop_path_rate=spec.drop_path, overrides=spec.net_overrides)
-    state = torch.load(rundir.best_ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    state = load_weights(rundir.best_ckpt)["state_dict"]
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = result.get("precision") or resolved_precision(spec, precision)[0]

@@ -16,6 +16,10 @@ A signal that comes outside a training step (during the last validation, or
 outside the fit) is handed to submitit's handler when the fit ends, or at
 once; the run then resumes from the last saved `last.ckpt`.
 
+Checkpoints are written by `AtomicCheckpointIO`: a temporary file beside the checkpoint, renamed over it, so
+that a process killed while saving (the grace period after the signal ran out) leaves the previous
+checkpoint whole.
+
 One mechanism acts: submitit's, because it also requeues a job that is not
 in a fit (preflight, the pretraining it waits for, the test). Lightning's own
 SLURM requeue (`SLURMEnvironment(auto_requeue=True)`, its default when it
@@ -31,6 +35,11 @@ from types import FrameType, TracebackType
 from typing import Any, Callable
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from common.files import atomic_write
 
 # submitit's preemption signal (its default; SUBMITIT_PREEMPT_SIGNAL changes it); Windows has no USR2
 PREEMPT_SIGNAL: int | None = getattr(signal, "SIGUSR2", None)
@@ -88,3 +97,36 @@ def cluster_plugins() -> list[Any]:
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic wherever the checkpoint lives: the checkpoint streams into a
+    temporary file in its own folder, is fsynced and renamed over the name (`common.files.atomic_write`).
+
+    Lightning's own writer serialises the checkpoint into memory, writes it to a temporary file in $TMPDIR and
+    moves it over the name; when $TMPDIR is another filesystem (a node-local /tmp while the runs are on a shared
+    disk) the move is a copy into the name, which a killed process leaves half-written (the run could then
+    never resume), and the temporary file stays in /tmp.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"storage_options is not supported by {type(self).__name__}")
+        atomic_write(path, lambda fh: torch.save(checkpoint, fh))
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint` (the best checkpoint on the monitored metric), with `last.ckpt` written at
+    every validation, whether or not the best one changed.
+
+    Since Lightning 2.6, `save_last=True` writes `last.ckpt` only at a step where a top-k checkpoint was saved: a
+    run whose validation accuracy did not improve kept an old `last.ckpt`, so that a killed or preempted run
+    redid every step since its last improvement (and a run killed after its fit, training it all again from
+    there). Here it is written after the top-k one, so that it holds this validation's best-checkpoint state.
+    """
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        skip = self._should_skip_saving_checkpoint(trainer)  # before: saving sets the step it checks
+        super().on_validation_end(trainer, pl_module)
+        if self.save_last and not skip and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -164,6 +164,17 @@ class RunDir:
     def write_error(self, traceback_text: str) -> None:
         files.write_text(self.error_log, traceback_text)
 
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete the temporary files of writes that never finished (`common.files.atomic_write`'s `.NAME.*.tmp`:
+        a process killed mid-write leaves one beside the name it was writing); return them.
+
+        Call it only while holding the run's lock: then no other process is writing here.
+        """
+        partial = [p for folder in (self.path, self.logs, self.checkpoints) for p in folder.glob(".*.tmp")]
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return partial
+
     # ------------------------------------------------------------ attempts and metrics
     def attempts(self) -> list[Path]:
         """`logs/attemptN.json` of every start of the run, in order."""

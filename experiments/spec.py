@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from common.schema import PLACEMENT_FIELDS, RUNTIME_FIELDS
+from common.untrusted import brief
 from experiments.precision import PRECISIONS
 from lightning_modules.catalog import DATASETS, MODELS, PRETRAINING_SOURCES
 from lightning_modules.vit_config import ARCH_FIELDS, ConfigError
@@ -37,7 +38,7 @@ class SpecError(ValueError):
     def __init__(self, field_name: str, value: Any, allowed: str, where: str = "") -> None:
         self.field_name, self.value, self.allowed = field_name, value, allowed
         prefix = f"{where}: " if where else ""
-        super().__init__(f"{prefix}invalid {field_name}={value!r} (allowed: {allowed})")
+        super().__init__(f"{prefix}invalid {brief(field_name)}={brief(value, quote=True)} (allowed: {allowed})")
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -199,7 +200,7 @@ class RunSpec:
         Raises:
             SpecError: unknown field, or a value outside what is allowed.
         """
-        if profile not in PROFILES:
+        if not (isinstance(profile, str) and profile in PROFILES):
             raise SpecError("profile", profile, " | ".join(PROFILES))
         known = {f.name for f in fields(cls)}
         for name in overrides:
@@ -367,15 +368,19 @@ class RunSpec:
         def is_num(x: Any) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
-        need(v.profile in PROFILES, "profile", " | ".join(PROFILES))
-        need(v.model in MODELS, "model", " | ".join(MODELS))
-        need(v.dataset in DATASETS, "dataset", DATASETS.allowed())
+        def is_name(x: Any, names: Any) -> bool:  # a str first: a list or a mapping is no name (nor hashable)
+            return isinstance(x, str) and x in names
+
+        need(is_name(v.profile, PROFILES), "profile", " | ".join(PROFILES))
+        need(is_name(v.model, MODELS), "model", " | ".join(MODELS))
+        need(is_name(v.dataset, DATASETS), "dataset", DATASETS.allowed())
         need(v.dataset != "fractaldb" or v.role == "pretrain", "dataset",
              "fractaldb only as pretraining (pretraining: fractaldb)")
         need(is_num(v.train_fraction) and 0 < v.train_fraction <= 1, "train_fraction", "a number in (0, 1]")
-        need(is_int(v.seed) and v.seed >= 0, "seed", "an integer >= 0")
+        need(is_int(v.seed) and 0 <= v.seed < 2**32, "seed", "an integer in [0, 2**32)")  # what seed_everything takes
         need(is_int(v.data_seed) and v.data_seed >= 0, "data_seed", "an integer >= 0")
-        need(v.pretraining in PRETRAINING_SOURCES or (v.pretraining in DATASETS and v.pretraining != "fractaldb"),
+        need(is_name(v.pretraining, PRETRAINING_SOURCES) or (is_name(v.pretraining, DATASETS)
+                                                            and v.pretraining != "fractaldb"),
              "pretraining", " | ".join(PRETRAINING_SOURCES) + " | " + DATASETS.allowed(exclude=("fractaldb",)))
         need(v.pretraining != v.dataset, "pretraining", "a source other than the target dataset")
         if v.pretraining == "imagenet":
@@ -391,7 +396,7 @@ class RunSpec:
         need(is_num(v.pretrain_fraction) and 0 < v.pretrain_fraction <= 1, "pretrain_fraction", "a number in (0, 1]")
         need(is_int(v.pretrain_steps) and v.pretrain_steps > 0, "pretrain_steps", "an integer > 0")
         need(is_int(v.img_size) and 8 <= v.img_size <= 1024, "img_size", "an integer in [8, 1024]")
-        need(v.in_chans in (0, 1, 3), "in_chans", "0 (the dataset's own) | 1 | 3")
+        need(is_int(v.in_chans) and v.in_chans in (0, 1, 3), "in_chans", "0 (the dataset's own) | 1 | 3")
         need(is_int(v.batch_size) and v.batch_size > 0, "batch_size", "an integer > 0")
         need(is_num(v.epochs) and v.epochs >= 0, "epochs",
              "a number >= 0 (0: the same max_steps at every training size)")
@@ -407,9 +412,9 @@ class RunSpec:
         need(is_num(v.mixup_alpha) and v.mixup_alpha >= 0, "mixup_alpha", "a number >= 0 (0 = off)")
         need(is_num(v.cutmix_alpha) and v.cutmix_alpha >= 0, "cutmix_alpha", "a number >= 0 (0 = off)")
         need(is_num(v.drop_path) and 0 <= v.drop_path < 1, "drop_path", "a number in [0, 1)")
-        need(v.augment in AUGMENTS, "augment", " | ".join(AUGMENTS))
+        need(is_name(v.augment, AUGMENTS), "augment", " | ".join(AUGMENTS))
         need(is_int(v.val_size) and v.val_size > 0, "val_size", "an integer > 0")
-        need(v.precision in PRECISIONS, "precision", " | ".join(PRECISIONS))
+        need(is_name(v.precision, PRECISIONS), "precision", " | ".join(PRECISIONS))
         need(is_int(v.devices) and v.devices > 0, "devices", "an integer > 0")
         need(v.batch_size % v.devices == 0, "batch_size", f"a multiple of devices ({v.devices})")
         need(is_num(v.grad_clip) and v.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = off)")
@@ -430,9 +435,9 @@ class RunSpec:
              "letters, digits, '-' and '_'")
         need(v.data_dir is None or isinstance(v.data_dir, str), "data_dir", "a path or null")
         need(v.weights_file is None or isinstance(v.weights_file, str), "weights_file", "a path or null")
-        need(v.wandb in WANDB_MODES, "wandb", " | ".join(WANDB_MODES))
+        need(is_name(v.wandb, WANDB_MODES), "wandb", " | ".join(WANDB_MODES))
         need(is_int(v.num_workers) and v.num_workers >= 0, "num_workers", "an integer >= 0")
-        need(v.role in ("train", "pretrain"), "role", "train | pretrain")
+        need(is_name(v.role, ("train", "pretrain")), "role", "train | pretrain")
         for name in ("channels_last", "fused_attention", "compile"):
             need(isinstance(getattr(v, name), bool), name, "true | false")
         need(v.resident is True or v.resident is False or v.resident == "auto", "resident",

@@ -14,7 +14,10 @@ the `sweep` parameter names runs/SWEEP/ and the W&B group (default: the file
 stem).
 
 Every run of the grid is validated before anything starts (one line, exit
-code 2, no torch import). Pretraining runs are scheduled first, once each.
+code 2, no torch import); the file is untrusted input (`common.untrusted`: at
+most a MiB of UTF-8, YAML through `safe_load`, bounded once aliases are
+expanded) and its grid holds at most `MAX_RUNS` runs, refused before it is
+expanded. Pretraining runs are scheduled first, once each.
 Completed runs are skipped, interrupted ones resume from their last
 checkpoint, failed or diverged ones are reported and skipped unless
 `--retry-failed`. Several runners on one sweep share the work: a run held by
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -49,7 +53,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-from common import files
+from common import files, untrusted
+from common.untrusted import brief
 from experiments import console
 from experiments.console import describe, format_duration
 from experiments.rundir import RunDir
@@ -59,6 +64,7 @@ if TYPE_CHECKING:
     from experiments.slurm import Resources
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUSY = 1, 2, 3
+MAX_RUNS = 10_000  # runs in one sweep's grid (the shipped data_efficiency sweep has 252)
 METHODS = ("grid", "random")
 # W&B's top-level sweep keys (https://docs.wandb.ai/guides/sweeps/sweep-config-keys)
 TOP_LEVEL_KEYS = ("program", "command", "method", "parameters", "metric", "name", "description", "project",
@@ -149,26 +155,35 @@ def load_sweep(path: Path | str) -> Sweep:
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        config = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            data = f.read(untrusted.MAX_BYTES + 1)  # more is refused, so it is not read
     except OSError as exc:
         raise SweepError(f"{path}: cannot read the sweep file ({exc.strerror})") from None
+    try:
+        config = untrusted.load_yaml(untrusted.decode(data))
+    except untrusted.InputError as exc:
+        raise SweepError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
+        problem = " ".join(str(getattr(exc, "problem", None) or type(exc).__name__).split())
         raise SweepError(f"{path}: malformed YAML: {problem}{where}") from None
     if not isinstance(config, dict):
         raise SweepError(f"{path}: not a sweep (allowed: a mapping with method and parameters)")
     for key in config:
         if key not in TOP_LEVEL_KEYS:
-            raise SweepError(f"{path}: key {key} not allowed (allowed: {', '.join(TOP_LEVEL_KEYS)})")
+            raise SweepError(f"{path}: key {brief(key)} not allowed (allowed: {', '.join(TOP_LEVEL_KEYS)})")
     method = config.get("method", "grid")
-    if method not in METHODS:
-        raise SweepError(f"{path}: method: value {method} not allowed (allowed: {' | '.join(METHODS)})")
+    if not (isinstance(method, str) and method in METHODS):
+        raise SweepError(f"{path}: method: value {brief(method)} not allowed (allowed: {' | '.join(METHODS)})")
     run_cap = config.get("run_cap")
     if (run_cap is not None or method == "random") and not (_is_int(run_cap) and run_cap > 0):
-        raise SweepError(f"{path}: run_cap: value {run_cap} not allowed "
+        raise SweepError(f"{path}: run_cap: value {brief(run_cap)} not allowed "
                          f"(allowed: an integer > 0; required with method random)")
+    metric = config.get("metric", {"name": Sweep.metric})
+    if not (isinstance(metric, dict) and isinstance(metric.get("name", Sweep.metric), str)):
+        raise SweepError(f"{path}: metric: value {brief(metric)} not allowed "
+                         "(allowed: a mapping with a name, e.g. {name: test/acc1})")
     if not isinstance(config.get("parameters"), dict) or not config["parameters"]:
         raise SweepError(f"{path}: parameters: missing (allowed: a mapping of RunSpec fields to "
                          "{value: x} or {values: [x, ...]})")
@@ -176,26 +191,34 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _parameter_values(path: Path, parameters: dict[str, Any]) -> dict[str, list[Any]]:
-    """{name: [values]} from W&B's `{value: x}` / `{values: [...]}` entries."""
+    """{name: [values]} from W&B's `{value: x}` / `{values: [...]}` entries; a grid of more than MAX_RUNS runs is
+    refused before anything walks it."""
     values: dict[str, list[Any]] = {}
     for name, entry in parameters.items():
         if name not in PARAMETERS:
-            raise SweepError(f"{path}: parameter {name} not allowed (allowed: {', '.join(PARAMETERS)})")
+            raise SweepError(f"{path}: parameter {brief(name)} not allowed (allowed: {', '.join(PARAMETERS)})")
         if isinstance(entry, dict) and set(entry) == {"value"}:
             values[name] = [entry["value"]]
         elif isinstance(entry, dict) and set(entry) == {"values"} and isinstance(entry["values"], list) \
                 and entry["values"]:
             values[name] = entry["values"]
         else:
-            raise SweepError(f"{path}: parameter {name}: {entry} not allowed "
+            raise SweepError(f"{path}: parameter {name}: {brief(entry)} not allowed "
                              "(allowed: {value: x} or {values: [x, ...]}, a non-empty list)")
+    runs = math.prod(len(v) for v in values.values())
+    if runs > MAX_RUNS:
+        sizes = " x ".join(f"{len(v)} {name}" for name, v in values.items() if len(v) > 1)
+        raise SweepError(f"{path}: parameters: a grid of {runs} runs ({sizes}) not allowed "
+                         f"(allowed: at most {MAX_RUNS} runs per sweep, MAX_RUNS)")
+    for name in values:
         for i, value in enumerate(values[name]):
             if value in values[name][:i]:
-                raise SweepError(f"{path}: parameter {name}: value {value} not allowed (allowed: each value once)")
+                raise SweepError(f"{path}: parameter {name}: value {brief(value)} not allowed "
+                                 "(allowed: each value once)")
     for name in ("profile", "sweep"):
         if len(values.get(name, [None])) > 1:
             allowed = " | ".join(PROFILES) if name == "profile" else "a name"
-            raise SweepError(f"{path}: parameter {name}: value {values[name]} not allowed "
+            raise SweepError(f"{path}: parameter {name}: value {brief(values[name])} not allowed "
                              f"(allowed: one value per sweep: {allowed})")
     return values
 
@@ -220,10 +243,10 @@ def _build_spec(path: Path, combo: dict[str, Any], values: dict[str, list[Any]])
     except SpecError as exc:
         hint = " (YAML reads unquoted on/off/yes/no as booleans: quote it)" if isinstance(exc.value, bool) else ""
         if exc.field_name in values:
-            raise SweepError(f"{path}: parameter {exc.field_name}: value {exc.value} not allowed "
+            raise SweepError(f"{path}: parameter {exc.field_name}: value {brief(exc.value)} not allowed "
                              f"(allowed: {exc.allowed}){hint}") from None
-        run = ", ".join(f"{k}={v}" for k, v in combo.items() if len(values.get(k, ())) > 1)
-        raise SweepError(f"{path}: {exc.field_name}={exc.value} not allowed (allowed: {exc.allowed}) "
+        run = ", ".join(f"{k}={brief(v)}" for k, v in combo.items() if len(values.get(k, ())) > 1)
+        raise SweepError(f"{path}: {exc.field_name}={brief(exc.value)} not allowed (allowed: {exc.allowed}) "
                          f"in the run {run or 'of the sweep'}") from None
 
 
@@ -715,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (see the module docstring)."""
     from experiments.slurm import RESOURCES
 
-    parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
+    parser = untrusted.OneLineParser(prog="python -m experiments.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", type=Path, help="a W&B-format sweep file (experiments/sweeps/*.yaml)")
     parser.add_argument("--executor", choices=("local", "slurm"), default="local")

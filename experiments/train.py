@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from common import untrusted
 from common.files import Busy, atomic_write
 from common.schema import SCHEMA_VERSION
 from experiments import console, tracking
@@ -218,10 +219,12 @@ def _callbacks() -> tuple[Any, Any]:
 
     class TrainClock(pl.Callback):
         """Seconds spent in training batches and images seen by all processes (excludes validation); under DDP
-        every process holds an equal share of each global batch."""
+        every process holds an equal share of each global batch. It also keeps this process's loss of the last
+        batch, which a run resumed at its last step (killed while writing its result) would otherwise lack."""
 
         def __init__(self) -> None:
             self.seconds, self.images, self._t = 0.0, 0, 0.0
+            self.loss: Any = float("nan")  # a tensor once a batch has trained (read only when saved: no sync)
 
         def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                                  batch_idx: int) -> None:
@@ -231,12 +234,14 @@ def _callbacks() -> tuple[Any, Any]:
                                batch: Any, batch_idx: int) -> None:
             self.seconds += time.perf_counter() - self._t
             self.images += len(batch[0]) * trainer.world_size
+            self.loss = outputs["loss"].detach()
 
         def state_dict(self) -> dict[str, Any]:
-            return {"seconds": self.seconds, "images": self.images}
+            return {"seconds": self.seconds, "images": self.images, "loss": float(self.loss)}
 
         def load_state_dict(self, state: dict[str, Any]) -> None:
             self.seconds, self.images = state["seconds"], state["images"]
+            self.loss = state.get("loss", float("nan"))  # checkpoints saved before the clock kept it
 
     return ValHistory(), TrainClock()
 
@@ -315,6 +320,7 @@ def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None,
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     if ddp_rank() == 0:  # under DDP, one process writes the run's files
+        rundir.remove_partial_writes()  # of an attempt killed mid-write (this process holds the run's lock)
         rundir.write_spec(spec.to_dict())
     record = base_record(spec)
     logger_wandb = None
@@ -376,10 +382,10 @@ class Built:
 def build(prepared: Prepared, upstream_dir: RunDir | None) -> Built:
     """Seed, split the data, build the net (with the pretraining run's backbone) and the module around it."""
     import lightning.pytorch as pl
-    import torch
 
     from lightning_modules.classifier import ImageClassifier, set_fused_attention
-    from lightning_modules.models import architecture, build_model, count_params, flops_per_image, load_backbone
+    from lightning_modules.models import (architecture, build_model, count_params, flops_per_image, load_backbone,
+                                          load_weights)
 
     spec, datamodule = prepared.spec, prepared.datamodule
     datamodule.setup()
@@ -392,7 +398,7 @@ def build(prepared: Prepared, upstream_dir: RunDir | None) -> Built:
     net = build_model(**net_args, pretrained=spec.pretraining == "imagenet", weights_file=spec.weights_file)
     if upstream_dir is not None:
         upstream = upstream_dir.read_result()
-        load_backbone(net, torch.load(upstream_dir.model_pt, map_location="cpu", weights_only=True))
+        load_backbone(net, load_weights(upstream_dir.model_pt))
         facts.update(pretrained_from=upstream["run_id"], pretrain_size=upstream["n_train"],
                      upstream_val_acc1=upstream["selected"]["val/acc1"],
                      upstream_improving_at_end=upstream.get("improving_at_end"))
@@ -428,22 +434,24 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     """
     import lightning.pytorch as pl
     import torch
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
     from lightning.pytorch.loggers import CSVLogger
 
     from experiments import generalization
-    from experiments.preemption import SaveOnPreemption, cluster_plugins
+    from experiments.preemption import (AtomicCheckpointIO, BestAndLastCheckpoint, SaveOnPreemption,
+                                      cluster_plugins)
     from experiments.progressbar import RunProgressBar
+    from lightning_modules.models import load_weights
 
     out: dict[str, Any] = {}
     if rundir.last_ckpt.is_file():
-        out["resumed_at_step"] = int(torch.load(rundir.last_ckpt, map_location="cpu", weights_only=True)["global_step"])
+        out["resumed_at_step"] = int(load_weights(rundir.last_ckpt)["global_step"])
     attempt = rundir.start_attempt(out.get("resumed_at_step", 0))
     loggers: list[Any] = [CSVLogger(str(rundir.logs), name="", version=attempt)]
     if logger_wandb is not None:
         loggers.append(logger_wandb)
-    checkpoint = ModelCheckpoint(dirpath=rundir.checkpoints, filename="best", monitor="val/acc1", mode="max",
-                                 save_last=True, save_top_k=1, enable_version_counter=False)
+    checkpoint = BestAndLastCheckpoint(dirpath=rundir.checkpoints, filename="best", monitor="val/acc1", mode="max",
+                                       save_last=True, save_top_k=1, enable_version_counter=False)
     history, clock = _callbacks()
     callbacks = [checkpoint, history, clock, LearningRateMonitor(logging_interval="step"),
                  RunProgressBar(f"{spec.role} {console.describe(spec)}")]
@@ -462,15 +470,14 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
         strategy="ddp" if spec.devices > 1 else "auto", deterministic=on_cpu, benchmark=not on_cpu,
         gradient_clip_val=spec.grad_clip or None, log_every_n_steps=max(1, min(50, steps // 20)),
         logger=loggers, callbacks=callbacks, enable_model_summary=False, default_root_dir=str(rundir.path),
-        plugins=cluster_plugins())
+        plugins=[*cluster_plugins(), AtomicCheckpointIO()])
     resume = rundir.last_ckpt.is_file()
     with preemption:  # SLURM's pre-timeout signal: last.ckpt at the current step, then submitit requeues
         trainer.fit(built.module, datamodule=datamodule, ckpt_path=str(rundir.last_ckpt) if resume else None,
                     weights_only=True if resume else None)
-    # read before trainer.test(): it resets callback_metrics and restores callback state from best.ckpt; under
-    # DDP each rank logged the loss of its equal share of the last global batch, whose loss is their mean
-    last_loss = torch.as_tensor(trainer.callback_metrics.get("train/loss", float("nan")),
-                                device=trainer.strategy.root_device)
+    # read before trainer.test(): it restores callback state from best.ckpt; under DDP each rank has the loss of
+    # its equal share of the last global batch, whose loss is their mean
+    last_loss = torch.as_tensor(clock.loss, device=trainer.strategy.root_device)
     train_loss = float(trainer.strategy.reduce(last_loss, reduce_op="mean"))
     seen, train_seconds, steps_done = clock.images, clock.seconds, trainer.global_step
     evaluations = list(history.history)
@@ -560,16 +567,22 @@ def _flag_type(field: dataclasses.Field) -> Any:
 
 
 def _yaml_value(text: str) -> Any:
-    """A flag's text read as YAML (what it means is checked by RunSpec.validate); unreadable text stays a string."""
+    """A flag's text read as YAML (what it means is checked by RunSpec.validate); unreadable text stays a string.
+
+    Raises:
+        argparse.ArgumentTypeError: YAML beyond `common.untrusted`'s bounds (an alias bomb, deep nesting).
+    """
     try:
-        return yaml.safe_load(text)
+        return untrusted.load_yaml(text)
     except yaml.YAMLError:
         return text
+    except untrusted.InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     """One --flag per RunSpec field (defaults come from the profile)."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.split("\n")[0],
+    parser = untrusted.OneLineParser(prog="python -m experiments.train", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", type=Path, help="a spec.json to reproduce (other flags override it)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="root of run directories")
@@ -590,9 +603,12 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
                  if v is not None and k not in ("spec", "runs_dir", "profile", "verbose")}
     if args.spec is not None:
         try:
-            data = json.loads(args.spec.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SpecError("spec", str(args.spec), f"a readable spec.json ({type(exc).__name__})") from None
+            with open(args.spec, "rb") as f:
+                data = json.loads(untrusted.decode(f.read(untrusted.MAX_BYTES + 1)))
+            untrusted.check_size(data)
+        except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, too large or deep
+            reason = str(exc) if isinstance(exc, untrusted.InputError) else type(exc).__name__
+            raise SpecError("spec", str(args.spec), f"a readable spec.json ({reason})") from None
         if not isinstance(data, dict):
             raise SpecError("spec", str(args.spec), "a JSON object of RunSpec fields")
         data.update(overrides)

@@ -319,6 +319,21 @@ _CIFAR = {  # name -> (folder, train files, test file, label key, (meta file, na
 }
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler for CIFAR's python batches that builds numpy arrays and plain data only: a file that pickles
+    anything else (code that unpickling would run) is refused, as `torch.load(weights_only=True)` refuses it."""
+
+    ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype"),
+                                                            ("_codecs", "encode")}  # bytes, in protocol 2
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it holds pickled code ({module}.{name}): refused, as loading it would "
+                                         f"run it")
+        return super().find_class(module, name)
+
+
 @registers(*_CIFAR)
 def load_cifar(request: DataRequest) -> Source:
     """CIFAR-10/100 from the python pickles in `ROOT/cifar-10-batches-py` (`cifar-100-python`), downloaded by
@@ -336,7 +351,10 @@ def load_cifar(request: DataRequest) -> Source:
 
     def unpickle(file: str) -> dict:
         with open(base / file, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            try:
+                return _ArraysOnly(f, encoding="latin1").load()
+            except pickle.UnpicklingError as exc:
+                raise DataError(f"dataset={request.name}: {base / file} is not a CIFAR batch ({exc})") from None
 
     def split(files: Sequence[str]) -> TensorImages:
         parts = [unpickle(f) for f in files]

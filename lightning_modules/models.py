@@ -7,10 +7,16 @@ ViTs are our transparent `VisionTransformer`; CNNs come from
 the Hugging Face cache, or the hub when online) and reach our ViT through
 `vit_timm.from_timm`; `check_weights` says before any work whether they can be
 had, and `pretrained_normalization` gives the input statistics they expect.
+
+Every checkpoint and weights file is loaded with `weights_only=True` (`load_weights`,
+and timm's own loader, whose default it is): a file that pickles anything but
+tensors and plain containers (code that unpickling would run) is refused, in one
+line naming what it holds.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -170,6 +176,31 @@ def _hub_unreachable(timm_name: str, timeout_s: float) -> str | None:
     return outcome[0] if outcome else f"no answer within {timeout_s:g} s"
 
 
+def load_refusal(exc: BaseException) -> str:
+    """Why a weights-only load failed, in one line: the pickled code the file holds (torch names the first global
+    it refused), or the error's first line."""
+    text = str(exc)
+    # torch names the first global it refused ("GLOBAL posix.system"), timm all of them ("Unsupported globals: ...")
+    found = re.search(r"GLOBAL ([\w.]+)|Unsupported globals: ([\w.]*\w(?:, [\w.]*\w)*)", text)
+    if found is not None:
+        return (f"it holds pickled code, not only tensors ({found.group(1) or found.group(2)}): refused, as "
+                f"loading it would run it")
+    first = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}"[:200]
+
+
+def load_weights(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU: a checkpoint or weights file of this suite.
+
+    Raises:
+        ModelError: one line naming the file, when it does not load (e.g. it holds pickled code).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unreadable, truncated, or pickled objects
+        raise ModelError(f"{path} does not load with weights_only ({load_refusal(exc)})") from None
+
+
 def check_weights(name: str, weights_file: str | Path | None = None, timeout_s: float = 10.0) -> str:
     """Check, before any work, that a net's ImageNet weights can be had, without waiting on a network that
     is not there.
@@ -195,7 +226,7 @@ def check_weights(name: str, weights_file: str | Path | None = None, timeout_s: 
             usable = isinstance(state, Mapping) and state and all(isinstance(v, torch.Tensor) for v in state.values())
             reason = None if usable else "no tensors in it"
         except Exception as exc:  # noqa: BLE001 - missing, not a checkpoint, or pickled objects
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:160] or type(exc).__name__
+            reason = load_refusal(exc)
         if reason:
             raise ModelError(f"invalid --weights-file={str(weights_file)!r} (allowed: a checkpoint of {timm_name} "
                              f"that loads with weights_only: .safetensors, .pth or .bin; it said {reason})")

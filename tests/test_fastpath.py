@@ -81,10 +81,10 @@ def result_of(tmp_path: Path, name: str, **fields: object) -> dict:
 def test_resident_run_equals_the_loader_run_and_both_are_recorded(tmp_path: Path) -> None:
     """The same spec through the loader and through resident batches: the same metrics (the same batches)."""
     loader = result_of(tmp_path, "loader", model="resnet18")
-    resident = result_of(tmp_path, "resident", model="resnet18", resident=True, channels_last=False)
+    resident = result_of(tmp_path, "resident", model="resnet18", resident=True)
     assert loader["runtime"] == dict(channels_last=True, fused_attention=False, compile=False, resident=False,
                                      resident_note="")
-    assert resident["runtime"]["resident"] is True and resident["runtime"]["channels_last"] is False
+    assert resident["runtime"]["resident"] is True and resident["runtime"]["channels_last"] is True
     assert resident["run_id"] == loader["run_id"] and resident["spec"]["resident"] is True
     assert resident["selected"] == loader["selected"]
     for key, value in loader["metrics"].items():

@@ -16,7 +16,7 @@ def test_run_id_hashes_the_computation_not_the_placement() -> None:
     spec = RunSpec.create("cpu", model="resnet50", train_fraction=0.1)
     assert spec.run_id == RunSpec.create("cpu", model="resnet50", train_fraction=0.1).run_id
     assert spec.run_id == spec.replace(sweep="other", wandb="off", data_dir="/x", num_workers=3).run_id
-    for change in (dict(seed=1), dict(train_fraction=0.2), dict(lr=2e-3), dict(model="vit_tiny_p4"),
+    for change in (dict(seed=1), dict(train_fraction=0.2), dict(lr=3e-3), dict(model="vit_tiny_p4"),
                    dict(data_seed=1), dict(pretraining="fractaldb")):
         assert spec.replace(**change).run_id != spec.run_id, change
 
