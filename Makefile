@@ -60,8 +60,11 @@ data: ## Install Debian's dataset-fashion-mnist when apt is available and the fi
 			"torchvision downloads it on first use (needs network)"; \
 	fi
 
+## test: pytest worker processes (the fast tests are independent; each worker uses one thread)
+TEST_WORKERS ?= 2
+
 test: install ## Run the test suite (fast tests; no network, no GPU)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 test-slow: install ## Run only the slow end-to-end tests (kill/resume, concurrent runners, submitit, 224 px)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m slow

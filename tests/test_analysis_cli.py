@@ -33,6 +33,7 @@ def test_tables_writes_only_the_tables(tmp_path):
     assert len(list((tmp_path / "results" / SWEEP / "tables").iterdir())) == 8
 
 
+@pytest.mark.slow
 def test_plots_writes_figures_and_skips_empty_ones(tmp_path, caplog):
     write_runs(tmp_path / "runs", small_sweep())
     with caplog.at_level(logging.INFO, logger="analysis.outputs"):

@@ -88,6 +88,7 @@ def test_no_explain_file_means_no_figure(tmp_path):
     assert interpret_figures.interpret_findings(runs, tmp_path) == []
 
 
+@pytest.mark.slow
 def test_figures_are_byte_identical_when_made_twice(tmp_path):
     runs = explained_sweep(tmp_path / "runs", seeds=(0,))
     makers = interpret_figures.figure_makers(tmp_path / "runs")

@@ -65,6 +65,7 @@ def test_report_writes_every_artefact(built):
     assert not any(name.endswith(".tmp") or "/." in name for name in files)
 
 
+@pytest.mark.slow
 def test_report_is_byte_identical_when_run_twice(built, tmp_path):
     out, first = built
     assert cli.main(make_sweep(tmp_path)) == 0
@@ -222,6 +223,7 @@ def test_schema_v1_runs_still_make_a_report(tmp_path):
     assert "no interval: no predictions file" in text
 
 
+@pytest.mark.slow
 def test_wandb_logging_uses_one_report_run(tmp_path, monkeypatch):
     calls = {}
 

@@ -161,6 +161,7 @@ def test_calibration_table_and_reliability_legend_agree_with_the_runs(tmp_path):
 
 
 # ----------------------------------------------------------------- figures
+@pytest.mark.slow
 def test_figures_from_the_arrays_are_byte_identical_when_made_twice(tmp_path):
     robust_run(tmp_path / "runs", "resnet50", 0, 0.8)
     robust_run(tmp_path / "runs", "vit_tiny_p8", 0, 0.7)
@@ -242,6 +243,7 @@ def test_findings_at_one_seed_pair_use_the_shared_images(tmp_path):
 
 
 # ----------------------------------------------------------------- no torch
+@pytest.mark.slow
 def test_the_analysis_package_never_imports_torch():
     code = ("import pkgutil, importlib, sys, analysis\n"
             "for m in pkgutil.iter_modules(analysis.__path__):\n"

@@ -120,6 +120,7 @@ def test_device_slugs() -> None:
 
 
 # ------------------------------------------------------------------ the comparisons compare like with like
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["vit_tiny_p4", "resnet18"])
 def test_the_lightning_arm_and_the_plain_loop_train_the_same_thing(tmp_path: Path, model: str) -> None:
     """The run's Lightning loop and the plain loop: one net object, one batch, one layout (a CNN channels-last in
@@ -244,6 +245,7 @@ def test_resident_data_with_randaug_says_what_it_benchmarks_instead() -> None:
 
 
 # ------------------------------------------------------------------ end to end
+@pytest.mark.slow
 def test_quick_runs_end_to_end(tmp_path: Path) -> None:
     """--quick on one small model: every comparison that applies to it, the table printed, the CSV written."""
     out = io.StringIO()

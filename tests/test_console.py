@@ -88,6 +88,7 @@ def train_cli(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_run_prints_its_start_and_its_result_and_no_library_noise(tmp_path: Path) -> None:
     proc = train_cli(tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -253,6 +253,7 @@ def test_a_failed_download_is_one_line_naming_the_folder(tmp_path: Path, monkeyp
         load_source(DataRequest("torchvision:USPS", tmp_path, download=True))
 
 
+@pytest.mark.slow
 def test_a_missing_dataset_stops_the_cli_before_any_work(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     env = {**os.environ, "VIT_VS_CNN_DATA": str(tmp_path / "data")}
@@ -267,6 +268,7 @@ def test_a_missing_dataset_stops_the_cli_before_any_work(tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_a_tiny_imagenet_layout_folder_trains(tmp_path: Path) -> None:
     from experiments.spec import RunSpec
     from experiments.train import run

@@ -16,6 +16,7 @@ from experiments.train import run
 torch.set_num_threads(1)
 
 
+@pytest.mark.slow
 def test_a_tiny_run_is_collected_with_its_architecture(tmp_path: Path) -> None:
     spec = RunSpec.create("cpu", model="vit_tiny_p4", dataset="synthetic", sweep="e2e", wandb="off",
                           precision="32-true", min_steps=4, max_steps=4, num_evals=2, val_size=32, batch_size=32,

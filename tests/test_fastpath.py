@@ -78,6 +78,7 @@ def result_of(tmp_path: Path, name: str, **fields: object) -> dict:
     return on_disk
 
 
+@pytest.mark.slow
 def test_resident_run_equals_the_loader_run_and_both_are_recorded(tmp_path: Path) -> None:
     """The same spec through the loader and through resident batches: the same metrics (the same batches)."""
     loader = result_of(tmp_path, "loader", model="resnet18")
@@ -91,6 +92,7 @@ def test_resident_run_equals_the_loader_run_and_both_are_recorded(tmp_path: Path
         assert resident["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_auto_resolves_off_with_the_reason_and_attention_switch_is_recorded(tmp_path: Path) -> None:
     result = result_of(tmp_path, "auto", model="vit_tiny_p4", augment="randaug", resident="auto",
                        fused_attention=False)

@@ -328,6 +328,7 @@ def broken(run_faults: dict[int, str]) -> Any:
         yield
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_diverging_run_stops_as_diverged_naming_the_step(tmp_path: Path) -> None:
     # patience makes Lightning train on to min_steps whatever should_stop says: a run whose loss stays NaN must
@@ -368,6 +369,7 @@ def test_a_sweep_goes_on_past_failed_and_diverged_runs_lists_them_and_retries_th
 
 
 # ------------------------------------------------------------------ determinism
+@pytest.mark.slow
 def test_the_same_spec_twice_gives_identical_metrics(tmp_path: Path) -> None:
     """The ViT here (fast); ResNet18, in other processes, in the kill tests, whose resumed runs must equal an
     uninterrupted one."""

@@ -20,6 +20,8 @@ TINY = dict(dataset="synthetic", wandb="off", img_size=16, min_steps=8, max_step
             batch_size=32, precision="32-true", robust_subset=40, explain_images=4, sweep="gen")
 ADDED = ("calib/", "corrupt/", "occlusion/", "shuffle/")
 
+pytestmark = pytest.mark.slow  # every test here trains a run (module fixture: ~13 s)
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, RunSpec]]:

@@ -179,6 +179,7 @@ def preempted_run(spec: RunSpec, runs_dir: Path, at_step: int, monkeypatch: pyte
     return handled
 
 
+@pytest.mark.slow
 def test_a_preemption_signal_saves_a_checkpoint_at_the_current_step(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     spec = RunSpec.create("cpu", **{**PREEMPT, "min_steps": 8, "max_steps": 8, "num_evals": 2})
@@ -284,6 +285,7 @@ def test_the_training_loader_resumes_mid_epoch_at_the_next_batch(workers: int) -
 
 
 # ------------------------------------------------------------------ data prepared once per node
+@pytest.mark.slow
 def test_local_rank_zero_downloads_and_the_other_ranks_wait(tmp_path: Path) -> None:
     launch = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_RESTART_COUNT": "0"}
     context = multiprocessing.get_context("spawn")

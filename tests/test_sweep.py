@@ -80,7 +80,8 @@ def completed(runs_dir: Path, sweep: str) -> set[str]:
 
 
 # ------------------------------------------------------------------ sweep files
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem == "data_efficiency" else p
+                                  for p in SHIPPED], ids=lambda p: p.stem)
 def test_shipped_sweeps_expand_validate_and_dry_run(path: Path, tmp_path: Path) -> None:
     sweep = load_sweep(path)
     assert sweep.name == path.stem
@@ -246,6 +247,7 @@ def test_dry_run_lists_pretraining_first_and_marks_done_and_failed(tmp_path: Pat
     assert "would launch 4 runs" in retry.stdout
 
 
+@pytest.mark.slow
 def test_failed_pretraining_blocks_its_runs_without_training(tmp_path: Path) -> None:
     sweep = load_sweep(TINY)
     fake_result(sweep.upstream[0], tmp_path, "diverged")
@@ -260,6 +262,7 @@ def test_failed_pretraining_blocks_its_runs_without_training(tmp_path: Path) -> 
     assert re.search(rf"{sweep.upstream[0].run_id} .* diverged .* skipped \(--retry-failed reruns it\)", text)
 
 
+@pytest.mark.slow
 def test_failed_runs_are_skipped_unless_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sweep = load_sweep(write_sweep(tmp_path / "one.yaml", tiny_config(pretraining={"value": "none"})))
     failed, done = sweep.runs
@@ -433,6 +436,7 @@ sys.exit(runner.run())
 """
 
 
+@pytest.mark.slow
 def test_the_sweep_runs_without_sched_getaffinity_and_fcntl(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", NO_FCNTL_SWEEP, str(TINY), str(tmp_path)], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=120)

@@ -106,6 +106,7 @@ def test_a_bad_wandb_mode_fails_before_anything_is_written(tmp_path: Path, monke
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_wandb_mode_disabled_writes_no_wandb_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from experiments.train import run
 
@@ -116,6 +117,7 @@ def test_wandb_mode_disabled_writes_no_wandb_files(tmp_path: Path, monkeypatch: 
 
 
 # ------------------------------------------------------------------ how a run ends
+@pytest.mark.slow
 def test_a_failed_run_ends_its_wandb_run_as_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from experiments.train import run
 
@@ -232,6 +234,7 @@ def record_environment(path: str) -> None:
     Path(path).write_text(json.dumps({k: v for k, v in os.environ.items() if k.startswith("WANDB_")}))
 
 
+@pytest.mark.slow
 def test_apart_from_agent_runs_in_a_process_without_the_agents_variables(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     for key in tracking.AGENT_VARIABLES:

@@ -119,6 +119,7 @@ def test_completed_runs_are_not_repeated(finished: tuple[RunSpec, dict, Path]) -
     assert run(spec, runs) == json.loads(path.read_text()) and path.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_both_nets_get_the_same_subset(tmp_path: Path) -> None:
     results = [run(RunSpec.create("cpu", model=m, wandb="off", train_fraction=0.5, **TINY), tmp_path)
                for m in ("vit_tiny_p4", "resnet18")]
@@ -138,6 +139,7 @@ def test_a_run_that_breaks_records_failed(tmp_path: Path, monkeypatch: pytest.Mo
     assert "Traceback" in (tmp_path / "adhoc" / spec.run_id / "error.log").read_text()
 
 
+@pytest.mark.slow
 def test_fractaldb_pretraining_then_fine_tuning(tmp_path: Path) -> None:
     spec = RunSpec.create("cpu", model="vit_tiny_p4", wandb="off", pretraining="fractaldb", pretrain_steps=4,
                           pretrain_size=64, pretrain_classes=4, **TINY)
@@ -215,6 +217,7 @@ def test_precision_is_recorded_as_requested_and_resolved(finished: tuple[RunSpec
     assert resolved in ("32-true", "bf16-mixed") and auto.precision == "auto"
 
 
+@pytest.mark.slow
 def test_patience_stops_a_plateaued_run_early_never_before_min_steps(tmp_path: Path) -> None:
     # a learning rate this small cannot improve validation accuracy beyond its first evaluations
     spec = RunSpec.create("cpu", model="resnet18", wandb="off", lr=1e-7, warmup_frac=0.0, epochs=0.0, patience=2,
