@@ -496,11 +496,15 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
         write_predictions(rundir, built.module.kept_logits)
         out["predictions"] = rundir.predictions.name
         if spec.robust_subset:
+            started = time.perf_counter()
             metrics.update(generalization.robustness(built.module.net, datamodule, spec.robust_subset, precision,
                                                      rundir))
+            metrics["time/robustness_s"] = time.perf_counter() - started
             out["robustness"] = rundir.robustness.name
         if spec.explain_images:
+            started = time.perf_counter()
             generalization.explain(built.module.net, datamodule, spec.explain_images, rundir)
+            metrics["time/explain_s"] = time.perf_counter() - started
         if spec.role == "pretrain":
             state = built.module.net.state_dict()
             atomic_write(rundir.model_pt, lambda fh: torch.save(state, fh))
