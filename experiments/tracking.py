@@ -80,8 +80,13 @@ def logger(spec: RunSpec, run_dir: Path) -> Any:
             f"pretraining={spec.pretraining}", f"profile={spec.profile}", spec.role]
     config = {**spec.to_dict(), "run_id": spec.run_id, "arch": spec.arch}
     identity = {} if under_agent() else {"id": f"{spec.sweep}-{spec.run_id}", "resume": "allow"}
-    return WandbLogger(project=wandb_mode.project(), group=spec.sweep, name=run_name(spec), tags=tags, config=config,
-                       save_dir=str(run_dir), mode=run_mode, job_type=spec.role, **identity)
+    logger = WandbLogger(project=wandb_mode.project(), group=spec.sweep, name=run_name(spec), tags=tags,
+                         config=config, save_dir=str(run_dir), mode=run_mode, job_type=spec.role, **identity)
+    # Lightning 2.6 always passes `anonymous=None` to wandb.init, which W&B >= 0.22 answers with a deprecation
+    # warning in every run's output; the setting does nothing, so it is not passed.
+    if getattr(logger, "_wandb_init", {}).get("anonymous", False) is None:
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 def apart_from_agent(target: Callable[..., Any], *args: Any) -> int | None:
