@@ -37,6 +37,12 @@ def net_key(spec: RunSpec, precision: str) -> tuple:
             spec.batch_size // spec.devices, precision)
 
 
+def net_label(key: tuple) -> str:
+    """A `net_key` as the sweep prints it: the model with its architecture overrides, e.g. `vit_tiny_p4(pool=avg)`."""
+    model, overrides = key[0], key[1]
+    return f"{model}({', '.join(f'{name}={value}' for name, value in overrides)})" if overrides else model
+
+
 def measure(spec: RunSpec, precision: str) -> StepTimes:
     """Time `TIMED_STEPS` training steps (after `WARMUP_STEPS`) and one evaluation batch of `spec`'s net."""
     import torch

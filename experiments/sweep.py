@@ -636,7 +636,7 @@ class LocalRunner:
         self.progress.estimates.update(estimates)
         if self.progress.bars is not None:  # the bar's ETA counts down from now
             self.progress.show()
-        measured = "; ".join(f"{key[0]} {t.train_step_s:.2f} s/step" for key, t in times.items())
+        measured = "; ".join(f"{eta.net_label(key)} {t.train_step_s:.2f} s/step" for key, t in times.items())
         total = self.progress.eta_seconds() or 0.0
         self.progress.say(f"ETA {format_duration(total)} (at most: runs with patience may stop early), "
                           f"from step times measured here: {measured}")

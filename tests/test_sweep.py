@@ -398,6 +398,14 @@ def test_the_eta_comes_from_step_times_measured_before_the_sweep(tmp_path: Path,
     assert runner.progress.eta_seconds() == pytest.approx(sum(per_run))
 
 
+def test_the_eta_line_names_each_architecture_variant_it_timed() -> None:
+    from experiments import eta
+
+    base, avg = RunSpec.create("cpu", model="vit_tiny_p4"), RunSpec.create("cpu", model="vit_tiny_p4", pool="avg")
+    labels = {eta.net_label(eta.net_key(spec, "32-true")) for spec in (base, avg)}
+    assert labels == {"vit_tiny_p4", "vit_tiny_p4(pool=avg)"}
+
+
 # ------------------------------------------------------------------ portability
 def test_the_cpu_count_needs_no_linux_only_call(monkeypatch: pytest.MonkeyPatch) -> None:
     from experiments.sweep import available_cpus
