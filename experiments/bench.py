@@ -56,7 +56,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -568,6 +568,7 @@ class Context:
     rows: list[Row] = field(default_factory=list)
     flops: dict[str, int] = field(default_factory=dict)
     datamodules: dict[RunSpec, tuple[Any, float]] = field(default_factory=dict)  # set up, with its setup seconds
+    earlier: list[dict[str, str]] | None = None  # the device's CSV as this run found it
 
     @property
     def csv_path(self) -> Path:
@@ -608,7 +609,13 @@ class Context:
         return row
 
     def save(self) -> Path:
-        return write_csv(self.csv_path, self.rows)
+        """Write this run's rows to the device's CSV, keeping the rows of earlier runs that it did not measure
+        again (another comparison, model or precision): `make bench --only data` does not erase the rest."""
+        if self.earlier is None:
+            self.earlier = read_csv(self.csv_path) if self.csv_path.exists() else []
+        measured = {row_key(asdict(row)) for row in self.rows}
+        kept = [old for old in self.earlier if row_key(old) not in measured]
+        return write_csv(self.csv_path, self.rows, kept)
 
 
 def compare(rows: Sequence[Row], reference: Row, goal: float | None = None,
@@ -639,9 +646,22 @@ def csv_text(rows: Sequence[Row]) -> str:
     return out.getvalue()
 
 
-def write_csv(path: Path, rows: Sequence[Row]) -> Path:
-    """Write the rows to `path` atomically: a reader sees the old file or the new one, never half of one."""
+def row_key(row: dict[str, Any]) -> tuple[str, ...]:
+    """What a row measured (a later measurement of the same replaces it): profile, comparison, model, input
+    and precision."""
+    return tuple(str(row[name]) for name in ("profile", "comparison", "model", "img_size", "in_chans", "batch",
+                                              "precision"))
+
+
+def write_csv(path: Path, rows: Sequence[Row], earlier: Sequence[dict[str, str]] = ()) -> Path:
+    """Write `earlier` rows (as read back from a CSV) then `rows` to `path` atomically: a reader sees the old
+    file or the new one, never half of one."""
     text = csv_text(rows)
+    if earlier:
+        out = io.StringIO()
+        csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n").writerows(earlier)
+        header, body = text.split("\n", 1)
+        text = header + "\n" + out.getvalue() + body
     return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 

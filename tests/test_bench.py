@@ -7,6 +7,7 @@ import dataclasses
 import io
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,19 @@ def test_quick_runs_end_to_end(tmp_path: Path) -> None:
     main_train = next(r for r in rows if r["comparison"] == "main" and r["mode"] == "train")
     assert float(main_train["gflops_per_image"]) > 0 and main_train["peak_mem_kind"] == "process_max_rss"
     assert "## timm: vit_tiny_p4" in out.getvalue() and "--quick" in out.getvalue()
+
+
+def test_a_later_run_replaces_what_it_measured_again_and_keeps_the_rest(tmp_path: Path) -> None:
+    """`make bench --only timm` after a full run: the timm rows are the new ones, the main rows stay."""
+    first = bench.run(options(out_dir=tmp_path, comparisons=("main", "timm")), out=io.StringIO())
+    before = bench.read_csv(first.csv_path)
+    time.sleep(1.1)  # the timestamps have whole seconds
+    second = bench.run(options(out_dir=tmp_path, comparisons=("timm",)), out=io.StringIO())
+    after = bench.read_csv(second.csv_path)
+    assert [r for r in after if r["comparison"] == "main"] == [r for r in before if r["comparison"] == "main"]
+    timm_rows = [r for r in after if r["comparison"] == "timm"]
+    assert timm_rows and {r["timestamp"] for r in timm_rows} == {second.timestamp} != {first.timestamp}
+    assert len(after) == len(before)
 
 
 def test_a_comparison_that_cannot_run_says_why_and_the_rest_run(tmp_path: Path,
