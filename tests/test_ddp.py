@@ -183,7 +183,7 @@ def _drive(out: Path, devices: int, nan_at: str = "") -> tuple[subprocess.Comple
     while not all(f.is_file() for f in files) and time.monotonic() < deadline:
         time.sleep(0.2)
     ranks = [json.loads(f.read_text()) for f in files]
-    return proc, ranks, next((out / "runs" / "adhoc").iterdir())
+    return proc, ranks, next(p for p in (out / "runs" / "adhoc").iterdir() if p.is_dir())  # not the lock file
 
 
 @pytest.fixture(scope="module")
