@@ -280,7 +280,10 @@ def test_under_wandb_agent_pretraining_and_fine_tuning_are_separate_wandb_runs(t
     sweep_file = tmp_path / "agent.yaml"
     sweep_file.write_text(yaml.safe_dump(sweep))
     command, params = agent_command(sweep_file, "agentrun01", tmp_path / "wandb" / "sweep-abc123")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY,
+    # a fresh agent's environment: none of the W&B variables an earlier in-process run of this test session left
+    # behind (W&B exports e.g. the address of its service process, which a child would join)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env = {**clean, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY,
            "WANDB_SWEEP_ID": "abc123", "WANDB_RUN_ID": "agentrun01", "WANDB_SWEEP_PARAM_PATH": str(params),
            "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "vit-vs-cnn"}  # what the agent sets
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
