@@ -67,7 +67,7 @@ test: install ## Run the test suite (fast tests; no network, no GPU)
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 test-slow: install ## Run only the slow end-to-end tests (kill/resume, concurrent runners, submitit, 224 px)
-	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m slow
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadscope
 
 test-all: install ## Run every test, the slow end-to-end ones too
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m ""
