@@ -13,6 +13,7 @@ with one line, not argparse's usage block.
 from __future__ import annotations
 
 import argparse
+import os
 import reprlib
 from collections.abc import Iterable
 from typing import Any
@@ -30,6 +31,16 @@ _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
 
 class InputError(ValueError):
     """Input outside the bounds this module enforces; str() is one line."""
+
+
+def read_bounded(path: str | os.PathLike[str]) -> bytes:
+    """The file's first MAX_BYTES + 1 bytes: enough for `decode` to refuse a larger file without reading it all.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        return f.read(MAX_BYTES + 1)
 
 
 def decode(data: bytes) -> str:

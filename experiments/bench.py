@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.files import atomic_write
-from experiments.precision import X86_BF16_FLAGS, cpu_flags, detect, resolve
+from experiments.precision import bf16_flags, cpu_flags, cpuinfo_value, detect, resolve
 from experiments.spec import RunSpec
 from lightning_modules.catalog import DATASETS, MODELS
 from lightning_modules.resident import ResidentBatches, resident_support
@@ -204,18 +204,12 @@ def cpu_model_name() -> str:
     """The CPU's model name from /proc/cpuinfo, else the platform's processor string."""
     import platform
 
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="ignore").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                return value.strip()
-    return platform.processor() or platform.machine() or "cpu"
+    return cpuinfo_value("model name") or platform.processor() or platform.machine() or "cpu"
 
 
 def cpu_kind(flags: set[str]) -> str:
     """The bf16 support a CPU figure depends on: its bf16 flags, or that it has none (bf16 emulated)."""
-    found = sorted(f for f in (*X86_BF16_FLAGS, "bf16") if f in flags)
+    found = bf16_flags(flags)
     return " ".join(found) if found else "no bf16 flag (AVX2-only class: bf16 emulated)"
 
 

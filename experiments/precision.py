@@ -38,15 +38,29 @@ class Hardware:
     evidence: str
 
 
+def cpuinfo_value(*keys: str) -> str | None:
+    """The first `/proc/cpuinfo` line's value for any of `keys` ("flags", "model name", ...); None where that file
+    does not exist, "" where it has none of them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return None
+    for line in cpuinfo.read_text(errors="ignore").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in keys:
+            return value.strip()
+    return ""
+
+
+def bf16_flags(flags: set[str]) -> list[str]:
+    """The flags among `flags` that say the CPU runs bf16 natively (x86 AVX-512 BF16 / AMX, Arm BF16), sorted."""
+    return sorted(f for f in (*X86_BF16_FLAGS, "bf16") if f in flags)
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags: /proc/cpuinfo on Linux, sysctl on macOS; empty when unknown."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="ignore").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("flags", "Features"):  # x86 | Arm
-                return set(value.split())
-        return set()
+    listed = cpuinfo_value("flags", "Features")  # x86 | Arm
+    if listed is not None:
+        return set(listed.split())
     if platform.system() == "Darwin":
         try:
             out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
@@ -60,7 +74,7 @@ def cpu_flags() -> set[str]:
 def cpu_hardware(flags: set[str] | None = None) -> Hardware:
     """The CPU as `auto` sees it (`flags`: for tests; read from the machine when None)."""
     flags = cpu_flags() if flags is None else flags
-    found = sorted(f for f in (*X86_BF16_FLAGS, "bf16") if f in flags)
+    found = bf16_flags(flags)
     name = platform.processor() or platform.machine() or "cpu"
     evidence = f"cpu flags {', '.join(found)}" if found else "no avx512_bf16 / amx_bf16 / bf16 cpu flag"
     return Hardware("cpu", name, bool(found), evidence)

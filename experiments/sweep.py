@@ -155,8 +155,7 @@ def load_sweep(path: Path | str) -> Sweep:
 
 def _read_config(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            data = f.read(untrusted.MAX_BYTES + 1)  # more is refused, so it is not read
+        data = untrusted.read_bounded(path)
     except OSError as exc:
         raise SweepError(f"{path}: cannot read the sweep file ({exc.strerror})") from None
     try:

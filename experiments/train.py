@@ -414,7 +414,7 @@ def build(prepared: Prepared, upstream_dir: RunDir | None) -> Built:
     if spec.compile:
         module.net.compile()  # in place: the state dict keeps its names, so checkpoints are unchanged
     facts["runtime"] = dict(channels_last=module.channels_last, fused_attention=fused, compile=spec.compile,
-                            resident=bool(datamodule.resident), resident_note=getattr(datamodule, "resident_note", ""))
+                            resident=bool(datamodule.resident), resident_note=datamodule.resident_note)
     facts["budget_steps"] = steps
     return Built(module, steps, flops, facts)
 
@@ -607,8 +607,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
                  if v is not None and k not in ("spec", "runs_dir", "profile", "verbose")}
     if args.spec is not None:
         try:
-            with open(args.spec, "rb") as f:
-                data = json.loads(untrusted.decode(f.read(untrusted.MAX_BYTES + 1)))
+            data = json.loads(untrusted.decode(untrusted.read_bounded(args.spec)))
             untrusted.check_size(data)
         except (OSError, ValueError, RecursionError) as exc:  # unreadable, not UTF-8, not JSON, too large or deep
             reason = str(exc) if isinstance(exc, untrusted.InputError) else type(exc).__name__

@@ -248,8 +248,6 @@ class MixCollate:
     def __call__(self, batch: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([b[0] for b in batch])  # (B, C, H, W)
         labels = torch.tensor([b[1] for b in batch])  # (B,)
-        if self.mix is None:
-            return images, labels
         return self.mix_batch(images, labels, batch[0][2])
 
     def mix_batch(self, images: torch.Tensor, labels: torch.Tensor, first_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,6 +302,7 @@ class ImageDataModule(pl.LightningDataModule):
                  normalization: Normalization | None = None, resident: bool = False) -> None:
         super().__init__()
         self.resident = resident
+        self.resident_note = ""  # why resident data was not possible, when it was asked for as "auto"
         if dataset not in DATASETS:
             raise DataError(f"invalid dataset={dataset!r} (allowed: {DATASETS.allowed()})")
         self.dataset, self.img_size, self.in_chans = dataset, img_size, in_chans
