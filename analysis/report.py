@@ -266,8 +266,8 @@ def _precision_line(runs: pd.DataFrame, target: pd.DataFrame) -> list[str]:
     resolved = _values(_recorded(target, "precision"))
     hardware = _values(_recorded(target, "hardware"))
     lines = [f"- **Precision**: requested {', '.join(requested) or 'not recorded'}; resolved "
-             f"{', '.join(resolved) or 'not recorded'}, once per sweep from what the hardware runs natively, so both "
-             "nets share it. Hardware: " + ("; ".join(hardware) or "not recorded") + ". Why: a precision one net "
+             f"{', '.join(resolved) or 'not recorded'}, once per sweep (bf16 only where the hardware runs it natively, "
+             "and on a CPU with native bf16 only where it timed faster on the sweep's nets), so both nets share it. Hardware: " + ("; ".join(hardware) or "not recorded") + ". Why: a precision one net "
              "runs natively and the other emulates, or that differs between paired runs, would measure the "
              "arithmetic, not the nets."]
     bad = stats.precision_mismatches(runs)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.files import atomic_write
-from experiments.precision import bf16_flags, cpu_flags, cpuinfo_value, detect, resolve
+from experiments.precision import bf16_flags, cpu_flags, cpuinfo_value
 from experiments.spec import RunSpec
 from lightning_modules.catalog import DATASETS, MODELS
 from lightning_modules.resident import ResidentBatches, resident_support
@@ -371,11 +371,14 @@ def bench_spec(options: Options, model: str) -> RunSpec:
 def make_setup(options: Options, model: str, device: torch.device) -> Setup:
     """Batch (the recipe's; --quick: a small one), precision (the recipe's resolved here, or --precision),
     memory layout (the suite's rule: CNNs channels-last; or --channels-last) and attention backend."""
-    from lightning_modules.models import build_model
+    from experiments.train import precision_choice
     from lightning_modules.classifier import prefers_channels_last
+    from lightning_modules.models import build_model
 
     spec = bench_spec(options, model)
-    precision = resolve(spec.precision if options.precision == "auto" else options.precision, detect())
+    batch = options.batch or (min(QUICK_BATCH, spec.batch_size) if options.quick else spec.batch_size)
+    precision = (precision_choice(replace(spec, batch_size=batch)).precision if options.precision == "auto"
+                 else options.precision)
     if precision not in BENCH_PRECISIONS:
         raise ValueError(f"invalid precision={precision!r} for the benchmark (allowed: 32-true | bf16-mixed)")
     if options.channels_last == "auto":
@@ -383,7 +386,6 @@ def make_setup(options: Options, model: str, device: torch.device) -> Setup:
             channels_last = prefers_channels_last(build_model(model, 10, spec.net_in_chans, spec.img_size))
     else:
         channels_last = options.channels_last == "on"
-    batch = options.batch or (min(QUICK_BATCH, spec.batch_size) if options.quick else spec.batch_size)
     return Setup(spec, batch, precision, channels_last, options.attention, device)
 
 

@@ -8,11 +8,15 @@ estimate is its step budget times the step time plus its evaluations
 (validations, the test set, the training subset) times the per-image
 evaluation time. With early stopping (`patience`) a run may stop sooner, so
 the estimate is an upper bound for those runs.
+
+The same timings settle `precision: auto` on a CPU with native bf16
+(`time_precisions`): the runs' estimate in bf16 and in fp32, the faster wins.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from experiments.spec import RunSpec
@@ -101,3 +105,26 @@ def estimate_seconds(spec: RunSpec, times: StepTimes) -> float:
     info = DATASETS[spec.dataset]
     n_train = round(spec.train_fraction * (info.n_train or 0)) if info.n_train else spec.pretrain_size
     return spec.train_steps(n_train) * times.train_step_s + evaluated_images(spec) * times.eval_image_s
+
+
+def measure_all(specs: Iterable[RunSpec], precisions: Iterable[str],
+                times: dict[tuple, StepTimes] | None = None) -> dict[tuple, StepTimes]:
+    """Step times of every distinct net of `specs` in each of `precisions` (`net_key` -> times), adding to
+    `times` those it does not already hold; the first measurement pays the libraries' set-up and is discarded."""
+    times = {} if times is None else times
+    wanted = {net_key(spec, p): (spec, p) for spec in specs for p in precisions}
+    missing = [(spec, p) for key, (spec, p) in wanted.items() if key not in times]
+    if missing and not times:
+        measure(*missing[0])  # discarded: one-time set-up (thread pools, oneDNN kernels)
+    for spec, precision in missing:
+        times[net_key(spec, precision)] = measure(spec, precision)
+    return times
+
+
+def time_precisions(specs: Iterable[RunSpec], precisions: Iterable[str],
+                    times: dict[tuple, StepTimes] | None = None) -> tuple[dict[str, float], dict[tuple, StepTimes]]:
+    """The estimated seconds of all `specs` in each of `precisions`, from step times measured here, and the step
+    times (`net_key` -> times, `times` extended)."""
+    specs, precisions = list(specs), list(precisions)
+    times = measure_all(specs, precisions, times)
+    return {p: sum(estimate_seconds(spec, times[net_key(spec, p)]) for spec in specs) for p in precisions}, times

@@ -29,7 +29,7 @@ from experiments.spec import RunSpec, SpecError
 DEFAULT_SUBSET = 200
 
 
-def load_trained(rundir: RunDir, precision: str | None = None) -> tuple[RunSpec, dict[str, Any], Any, Any, str]:
+def load_trained(rundir: RunDir) -> tuple[RunSpec, dict[str, Any], Any, Any, str]:
     """A completed run's spec, result, data module (split as in training) and net with the selected weights.
 
     Raises:
@@ -37,7 +37,7 @@ def load_trained(rundir: RunDir, precision: str | None = None) -> tuple[RunSpec,
     """
     import torch
 
-    from experiments.train import build_datamodule, resolved_precision
+    from experiments.train import build_datamodule, precision_choice
     from lightning_modules.models import build_model, load_weights
 
     result = rundir.completed_result()
@@ -54,7 +54,7 @@ def load_trained(rundir: RunDir, precision: str | None = None) -> tuple[RunSpec,
     state = load_weights(rundir.best_ckpt)["state_dict"]
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = result.get("precision") or resolved_precision(spec, precision)[0]
+    chosen = result.get("precision") or precision_choice(spec).precision
     return spec, result, datamodule, net.to(device).eval(), chosen
 
 

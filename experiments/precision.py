@@ -1,24 +1,32 @@
-"""Numeric precision that fits the machine: `auto` uses bf16 autocast only where the hardware runs it natively.
+"""Numeric precision that fits the machine: `auto` uses bf16 autocast only where it is native and faster.
 
 bf16 autocast on a CPU without native bf16 (AVX2 only: no AVX-512 BF16, no
 AMX) is emulated and many times slower than fp32 (benchmarks/RESULTS.md), so
-`auto` resolves to "bf16-mixed" on a CUDA GPU with bf16 (Ampere and newer)
-and on a CPU with AVX-512 BF16 or AMX (x86) or the BF16 extension (Arm), and
-to "32-true" everywhere else. A sweep resolves it once, so that both nets
-of a comparison always share it; every result records what was requested
-and what it resolved to.
+`auto` resolves to "32-true" there and to "bf16-mixed" on a CUDA GPU with
+bf16 (Ampere and newer). A CPU with native bf16 (AVX-512 BF16 or AMX on x86,
+the BF16 extension on Arm) can still train slower in bf16 than in fp32 (a
+2-core Xeon with AMX: 1.5x slower, benchmarks/RESULTS.md), so there `auto`
+is settled by timing: a few training steps of the runs' own nets in both
+precisions (`experiments.eta.time_precisions`), and the faster estimate
+wins. A sweep settles it once and keeps it in `runs/SWEEP/precision.json`,
+so both nets of a comparison, and a resumed sweep, always share it; every
+result records what was requested, what it resolved to and why.
 """
 
 from __future__ import annotations
 
 import platform
 import subprocess
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 AUTO = "auto"
 PRECISIONS = (AUTO, "32-true", "bf16-mixed", "16-mixed")
+TIMED = ("bf16-mixed", "32-true")  # what `auto` chooses between, by timing, on a CPU with native bf16
 X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+SETTLED_FILE = "precision.json"  # runs/SWEEP/precision.json: a sweep's settled `auto`
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,28 @@ class Hardware:
     name: str
     native_bf16: bool
     evidence: str
+
+    def describe(self) -> str:
+        """One line for logs and result.json, e.g. `cpu: x86_64 (cpu flags amx_bf16, avx512_bf16)`."""
+        return f"{self.accelerator}: {self.name} ({self.evidence})"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A resolved precision and the one line that says on what hardware, and why, it was chosen.
+
+    Attributes:
+        precision: "32-true", "bf16-mixed" or "16-mixed".
+        hardware: `Hardware.describe()`, plus the timing that settled `auto` where one did.
+        estimated_s: the timed estimate of the runs in each precision (empty where nothing was timed).
+    """
+
+    precision: str
+    hardware: str
+    estimated_s: dict[str, float] = field(default_factory=dict, hash=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "estimated_s": dict(self.estimated_s)}
 
 
 def cpuinfo_value(*keys: str) -> str | None:
@@ -91,14 +121,68 @@ def detect() -> Hardware:
     return cpu_hardware()
 
 
-def resolve(requested: str, hardware: Hardware) -> str:
-    """The precision a run uses: `requested`, or for "auto" bf16-mixed where native, else 32-true.
+def settled_by_timing(requested: str, hardware: Hardware) -> bool:
+    """Whether `requested` is `auto` on a CPU with native bf16, where only timing says which precision is faster."""
+    return requested == AUTO and hardware.accelerator == "cpu" and hardware.native_bf16
+
+
+def check_timeable(requested: str, hardware: Hardware, devices: int) -> None:
+    """Refuse `auto` that timing would settle for a run of several processes, each of which could time it
+    differently.
 
     Raises:
-        ValueError: `requested` is not one of PRECISIONS.
+        ValueError: one line naming the precision and the devices.
+    """
+    if devices > 1 and settled_by_timing(requested, hardware):
+        raise ValueError(f"invalid precision={requested!r} for devices={devices} on a CPU with native bf16 "
+                         "(allowed: 32-true | bf16-mixed: each process would time auto on its own)")
+
+
+def resolve(requested: str, hardware: Hardware, estimated_s: Mapping[str, float] | None = None) -> str:
+    """The precision a run uses: `requested`, or for "auto" bf16-mixed where native (on a CPU with native bf16:
+    the precision of TIMED with the smaller `estimated_s`; fp32 on a tie), else 32-true.
+
+    Raises:
+        ValueError: `requested` is not one of PRECISIONS, or `auto` needs timing and `estimated_s` lacks it.
     """
     if requested not in PRECISIONS:
         raise ValueError(f"invalid precision={requested!r} (allowed: {' | '.join(PRECISIONS)})")
     if requested != AUTO:
         return requested
-    return "bf16-mixed" if hardware.native_bf16 else "32-true"
+    if not settled_by_timing(requested, hardware):
+        return "bf16-mixed" if hardware.native_bf16 else "32-true"
+    if estimated_s is None or any(p not in estimated_s for p in TIMED):
+        raise ValueError(f"invalid estimated_s={dict(estimated_s or {})!r} (allowed: seconds for each of "
+                         f"{' and '.join(TIMED)}: `auto` on a CPU with native bf16 is settled by timing)")
+    return min(reversed(TIMED), key=lambda p: estimated_s[p])  # reversed: 32-true first, so it wins a tie
+
+
+def timed_choice(hardware: Hardware, estimated_s: Mapping[str, float]) -> Choice:
+    """`auto` on a CPU with native bf16, settled by `estimated_s` (seconds of the runs in each of TIMED)."""
+    chosen = resolve(AUTO, hardware, estimated_s)
+    timing = ", ".join(f"{p} ~{estimated_s[p] / 60:.1f} min" for p in TIMED)
+    return Choice(chosen, f"{hardware.describe()}; auto timed here: {timing} for these runs, so {chosen}",
+                  dict(estimated_s))
+
+
+def load_settled(path: Path, hardware: Hardware) -> Choice | None:
+    """A sweep's settled `auto` (`precision.json`) when it was settled on this hardware; None otherwise.
+
+    Raises:
+        ValueError: the file exists but is not a settled choice (one line naming it).
+    """
+    import json
+
+    from common.untrusted import decode, read_bounded
+
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(decode(read_bounded(path)))
+        choice = Choice(str(data["precision"]), str(data["hardware"]),
+                        {str(k): float(v) for k, v in dict(data.get("estimated_s") or {}).items()})
+    except (OSError, KeyError, TypeError, ValueError) as exc:  # InputError, JSONDecodeError: ValueErrors
+        raise ValueError(f"invalid precision file={str(path)!r} ({exc}; delete it to time again)") from None
+    if choice.precision not in TIMED:
+        raise ValueError(f"invalid precision={choice.precision!r} in {str(path)!r} (allowed: {' | '.join(TIMED)})")
+    return choice if choice.hardware.startswith(hardware.describe() + ";") else None

@@ -57,6 +57,7 @@ from common import files, untrusted
 from common.untrusted import brief
 from experiments import console
 from experiments.console import describe, format_duration
+from experiments.precision import SETTLED_FILE, Choice
 from experiments.rundir import RunDir
 from experiments.spec import PROFILES, RunSpec, SpecError
 
@@ -534,7 +535,7 @@ def write_manifest(sweep: Sweep, runs_dir: Path) -> None:
 
 # ================================================================== local executor
 def _worker(spec_dict: dict[str, Any], runs_dir: str, threads: int, blocking: bool, log_path: str,
-            precision: str, verbose: bool) -> None:
+            precision: Choice, verbose: bool) -> None:
     """A worker process: one run on `threads` threads, its output appended to `log_path`.
 
     Exit code 0 (the run has a result), 2 (bad input, the reason on stderr) or
@@ -577,7 +578,7 @@ class LocalRunner:
 
     def __init__(self, sweep: Sweep, runs_dir: Path, parallel: int = 1, retry_failed: bool = False,
                  out: TextIO = sys.stdout, estimate: bool = True) -> None:
-        from experiments.precision import detect, resolve
+        from experiments.precision import detect
 
         cores = available_cpus()
         self.sweep, self.runs_dir, self.retry_failed, self.estimate = sweep, Path(runs_dir), retry_failed, estimate
@@ -587,9 +588,10 @@ class LocalRunner:
         self.running: dict[int, _Running] = {}
         self.deferred: list[RunSpec] = []
         self.bad_input: str | None = None
-        # resolved once for the whole sweep, so both nets of every comparison share it
+        # resolved once for the whole sweep, so both nets of every comparison share it (`_settle_precision`)
         self.hardware = detect()
-        self.precision = {spec.run_id: resolve(spec.precision, self.hardware) for spec in sweep.ordered}
+        self.precision: dict[str, Choice] = {}
+        self.step_times: dict[tuple, Any] = {}  # eta.net_key -> eta.StepTimes, measured here
 
     def run(self) -> int:
         """Run every run that needs it; print progress and a summary. Returns the exit code."""
@@ -597,13 +599,14 @@ class LocalRunner:
         for outcome in initial_outcomes(self.sweep, self.runs_dir, self.retry_failed).values():
             self.progress.record(outcome, quiet=True)
         queue = [s for s in self.sweep.ordered if s.run_id not in self.progress.outcomes]
+        self._settle_precision(queue)
         mode = ("in this process" if self.parallel == 1
                 else f"{self.parallel} at a time, {plural(self.threads, 'thread')} each")
         self.progress.header(f"to run ({mode})")
-        precisions = sorted(set(self.precision[s.run_id] for s in queue))
         if queue:
-            self.progress.say(f"precision {', '.join(precisions)} on {self.hardware.accelerator} "
-                              f"({self.hardware.evidence}), the same for every run")
+            precisions = sorted(set(self.precision[s.run_id].precision for s in queue))
+            how = sorted(set(self.precision[s.run_id].hardware for s in queue))
+            self.progress.say(f"precision {', '.join(precisions)} on {'; '.join(how)}, the same for every run")
         if queue and self.estimate:
             self._estimate(queue)
         try:
@@ -624,21 +627,50 @@ class LocalRunner:
         """Measure each net's step time here, then print the sweep's ETA."""
         from experiments import eta
 
-        times: dict[tuple, eta.StepTimes] = {}
         estimates: dict[str, float] = {}
-        eta.measure(queue[0], self.precision[queue[0].run_id])  # discarded: pays the libraries' one-time set-up
+        used: dict[tuple, eta.StepTimes] = {}
         for spec in queue:
-            key = eta.net_key(spec, self.precision[spec.run_id])
-            if key not in times:
-                times[key] = eta.measure(spec, self.precision[spec.run_id])
-            estimates[spec.run_id] = eta.estimate_seconds(spec, times[key]) * self.parallel
+            precision = self.precision[spec.run_id].precision
+            key = eta.net_key(spec, precision)
+            used[key] = eta.measure_all([spec], [precision], self.step_times)[key]
+            estimates[spec.run_id] = eta.estimate_seconds(spec, used[key]) * self.parallel
         self.progress.estimates.update(estimates)
         if self.progress.bars is not None:  # the bar's ETA counts down from now
             self.progress.show()
-        measured = "; ".join(f"{eta.net_label(key)} {t.train_step_s:.2f} s/step" for key, t in times.items())
+        measured = "; ".join(f"{eta.net_label(key)} {t.train_step_s:.2f} s/step" for key, t in used.items())
         total = self.progress.eta_seconds() or 0.0
         self.progress.say(f"ETA {format_duration(total)} (at most: runs with patience may stop early), "
                           f"from step times measured here: {measured}")
+
+    def _settle_precision(self, queue: list[RunSpec]) -> None:
+        """Resolve every run's precision once for the sweep. `auto` on a CPU with native bf16 is settled by
+        timing this sweep's nets in both precisions, and kept in `runs/SWEEP/precision.json`, so that a resumed
+        sweep goes on in the precision its finished runs used."""
+        from experiments import eta
+        from experiments.precision import TIMED, check_timeable, load_settled, resolve, settled_by_timing, timed_choice
+
+        timed = [spec for spec in queue if settled_by_timing(spec.precision, self.hardware)]
+        settled = None
+        if timed:
+            try:
+                for spec in timed:
+                    check_timeable(spec.precision, self.hardware, spec.devices)
+            except ValueError as exc:
+                raise SweepError(str(exc)) from None
+            path = self.runs_dir / self.sweep.name / SETTLED_FILE
+            try:
+                settled = load_settled(path, self.hardware)
+            except ValueError as exc:
+                raise SweepError(str(exc)) from None
+            if settled is None:
+                self.progress.say(f"timing {plural(len({eta.net_key(s, TIMED[0]) for s in timed}), 'net')} in "
+                                  f"{' and '.join(TIMED)} to settle precision auto on this CPU")
+                estimated, self.step_times = eta.time_precisions(timed, TIMED, self.step_times)
+                settled = timed_choice(self.hardware, estimated)
+                files.write_json(path, settled.to_dict())
+        for spec in queue:
+            self.precision[spec.run_id] = (settled if settled_by_timing(spec.precision, self.hardware) else
+                                           Choice(resolve(spec.precision, self.hardware), self.hardware.describe()))
 
     def _drain(self, queue: list[RunSpec]) -> None:
         while self.bad_input is None and (queue or self.deferred or self.running):

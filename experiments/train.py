@@ -42,6 +42,7 @@ from common.files import Busy, atomic_write
 from common.schema import SCHEMA_VERSION
 from experiments import console, tracking
 from experiments.ddp import prepare_once_per_node
+from experiments.precision import Choice
 from experiments.rundir import RunDir, ddp_rank
 from experiments.spec import PROFILES, RunSpec, SpecError
 from lightning_modules.catalog import DATASETS, MODELS
@@ -248,11 +249,12 @@ def _callbacks() -> tuple[Any, Any]:
 
 # ------------------------------------------------------------------ one run
 def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True,
-        precision: str | None = None) -> dict[str, Any] | None:
+        precision: Choice | None = None) -> dict[str, Any] | None:
     """Train and evaluate one spec; return its result (also in result.json).
 
     `precision` is what a sweep resolved `spec.precision` to, once for all its
-    runs (so both nets share it); None resolves it here, for this machine.
+    runs (so both nets share it); None resolves it here, for this machine,
+    once for this run and its pretraining run.
 
     A completed run is not repeated: its result is returned. An interrupted
     run resumes from `checkpoints/last.ckpt`. The run holds a lock while it
@@ -270,6 +272,11 @@ def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True,
         return done
     tracking.mode(spec)  # a bad WANDB_MODE fails here, before anything is written
     prepared, upstream = preflight(spec)  # bad input fails here, before anything is written
+    if precision is None:  # settled once, for this run and its pretraining run
+        try:
+            precision = precision_choice(spec)
+        except ValueError as exc:
+            raise SpecError(str(exc)) from None
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(rundir.lock(blocking=blocking))
@@ -283,7 +290,7 @@ def run(spec: RunSpec, runs_dir: Path | str = "runs", blocking: bool = True,
         return train(prepared, rundir, upstream_dir, precision)
 
 
-def ensure_pretrained(upstream: Prepared, runs_dir: Path | str, precision: str | None = None) -> RunDir:
+def ensure_pretrained(upstream: Prepared, runs_dir: Path | str, precision: Choice | None = None) -> RunDir:
     """Run the pretraining run once (under its lock) and return its directory.
 
     Raises:
@@ -303,18 +310,25 @@ def ensure_pretrained(upstream: Prepared, runs_dir: Path | str, precision: str |
     return rundir
 
 
-def resolved_precision(spec: RunSpec, precision: str | None) -> tuple[str, str]:
-    """The precision a run uses (the sweep's resolution, else `spec.precision` resolved for this machine) and a
-    one-line description of the hardware it was resolved against."""
-    from experiments.precision import detect, resolve
+def precision_choice(spec: RunSpec) -> Choice:
+    """`spec.precision` resolved for this machine, and the line saying on what hardware and why (`auto` on a CPU
+    with native bf16: settled by timing this run's net in both precisions).
+
+    Raises:
+        ValueError: `auto` that timing would settle, for a run of several processes.
+    """
+    from experiments import eta
+    from experiments.precision import TIMED, check_timeable, detect, resolve, settled_by_timing, timed_choice
 
     hardware = detect()
-    described = f"{hardware.accelerator}: {hardware.name} ({hardware.evidence})"
-    return precision or resolve(spec.precision, hardware), described
+    check_timeable(spec.precision, hardware, spec.devices)
+    if settled_by_timing(spec.precision, hardware):
+        return timed_choice(hardware, eta.time_precisions([spec], TIMED)[0])
+    return Choice(resolve(spec.precision, hardware), hardware.describe())
 
 
 def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None,
-          precision: str | None = None) -> dict[str, Any]:
+          precision: Choice | None = None) -> dict[str, Any]:
     """Build, fit and test, then record: the result (status failed or diverged, with one line, when it broke)."""
     spec = prepared.spec
     started = datetime.now(timezone.utc)
@@ -325,7 +339,8 @@ def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None,
     record = base_record(spec)
     logger_wandb = None
     try:
-        record["precision"], record["hardware"] = resolved_precision(spec, precision)
+        choice = precision or precision_choice(spec)
+        record["precision"], record["hardware"] = choice.precision, choice.hardware
         built = build(prepared, upstream_dir)
         record.update(built.facts)
         logger_wandb = tracking.logger(spec, rundir.path)  # None when W&B is off

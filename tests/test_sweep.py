@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from experiments.spec import RunSpec
-from experiments.sweep import LocalRunner, load_sweep, main, write_manifest
+from experiments.sweep import LocalRunner, SweepError, load_sweep, main, write_manifest
 from experiments.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -375,7 +375,8 @@ def test_the_manifest_lists_every_expected_run(tmp_path: Path, monkeypatch: pyte
     assert {r["role"] for r in manifest["runs"]} == {"train", "pretrain"} and "seed" in manifest["swept"]
     assert all(r["upstream"] is None for r in manifest["runs"] if r["pretraining"] == "none")
     # one precision for the whole sweep, resolved once against this machine
-    assert set(runner.precision.values()) == {"32-true"}  # tiny.yaml asks for it explicitly
+    runner._settle_precision(list(sweep.ordered))
+    assert {c.precision for c in runner.precision.values()} == {"32-true"}  # tiny.yaml asks for it explicitly
 
 
 def test_the_eta_comes_from_step_times_measured_before_the_sweep(tmp_path: Path,
@@ -391,11 +392,63 @@ def test_the_eta_comes_from_step_times_measured_before_the_sweep(tmp_path: Path,
 
     monkeypatch.setattr(eta, "measure", fake_measure)
     runner = LocalRunner(sweep, tmp_path, out=io.StringIO())
+    runner._settle_precision(list(sweep.ordered))
     runner._estimate(list(sweep.ordered))
     assert calls == ["resnet18", "resnet18"]  # a discarded warm-up, then one measurement per distinct net
     per_run = [runner.progress.estimates[s.run_id] for s in sweep.ordered]
     assert per_run[0] == pytest.approx(8 * 0.5 + eta.evaluated_images(sweep.runs[0]) * 0.001)
     assert runner.progress.eta_seconds() == pytest.approx(sum(per_run))
+
+
+def test_auto_on_a_native_bf16_cpu_is_timed_once_per_sweep_and_kept_when_it_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import eta, precision
+
+    # a CPU that reports AMX, on which fp32 trains faster (as on a 2-core Xeon: benchmarks/RESULTS.md)
+    monkeypatch.setattr(precision, "detect", lambda: precision.cpu_hardware({"amx_bf16", "avx512_bf16"}))
+    step_s = {"bf16-mixed": 1.5, "32-true": 1.0}
+    timed: list[tuple[str, str]] = []
+
+    def fake_measure(spec: RunSpec, chosen: str) -> eta.StepTimes:
+        timed.append((spec.model, chosen))
+        return eta.StepTimes(train_step_s=step_s[chosen], eval_image_s=0.001)
+
+    monkeypatch.setattr(eta, "measure", fake_measure)
+    config = tiny_config(model={"values": ["resnet18", "vit_tiny_p4"]}, pretraining={"value": "none"},
+                         precision={"value": "auto"})
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", config))
+    runner = LocalRunner(sweep, tmp_path, out=io.StringIO(), estimate=False)
+    runner._settle_precision(list(sweep.ordered))
+    # each net once in each precision (after one discarded warm-up), whatever the number of runs
+    assert sorted(timed[1:]) == sorted({(m, p) for m in ("resnet18", "vit_tiny_p4") for p in precision.TIMED})
+    choices = set(runner.precision.values())
+    assert len(choices) == 1 and len(runner.precision) == len(sweep.ordered)  # both nets, every run: one choice
+    choice = choices.pop()
+    assert choice.precision == "32-true" and choice.estimated_s["bf16-mixed"] > choice.estimated_s["32-true"]
+    assert "auto timed here: bf16-mixed ~" in choice.hardware and "amx_bf16" in choice.hardware
+    saved = json.loads((tmp_path / sweep.name / precision.SETTLED_FILE).read_text())
+    assert saved["precision"] == "32-true"
+
+    # resumed, even where bf16 would now time faster: the finished runs' precision is kept, nothing is timed
+    step_s.update({"bf16-mixed": 0.1})
+    timed.clear()
+    again = LocalRunner(sweep, tmp_path, out=io.StringIO(), estimate=False)
+    again._settle_precision(list(sweep.ordered))
+    assert timed == [] and set(again.precision.values()) == {choice}
+
+
+def test_a_broken_settled_precision_file_stops_the_sweep_with_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from experiments import precision
+
+    monkeypatch.setattr(precision, "detect", lambda: precision.cpu_hardware({"amx_bf16"}))
+    sweep = load_sweep(write_sweep(tmp_path / "s.yaml", tiny_config(precision={"value": "auto"})))
+    (tmp_path / sweep.name).mkdir()
+    (tmp_path / sweep.name / precision.SETTLED_FILE).write_text('{"precision": "fp8", "hardware": "x"}')
+    runner = LocalRunner(sweep, tmp_path, out=io.StringIO(), estimate=False)
+    with pytest.raises(SweepError, match=r"^invalid precision='fp8' in .*precision.json"):
+        runner.run()
+    assert not list((tmp_path / sweep.name).glob("*/result.json"))  # nothing trained
 
 
 def test_the_eta_line_names_each_architecture_variant_it_timed() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import json
 import struct
 import subprocess
@@ -17,8 +19,7 @@ import torch
 from common import schema
 from experiments.rundir import RunDir
 from experiments.spec import RunSpec
-from experiments.precision import detect, resolve
-from experiments.train import budget_ending, main, run
+from experiments.train import budget_ending, main, precision_choice, run
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -212,9 +213,32 @@ def test_precision_is_recorded_as_requested_and_resolved(finished: tuple[RunSpec
     spec, result, _ = finished
     assert result["spec"]["precision"] == "32-true" and result["precision"] == "32-true"
     assert result["hardware"].startswith("cpu: ")
+
+
+
+@pytest.mark.parametrize("flags, bf16_step_s, expected", [
+    ({"avx2"}, None, "32-true"),  # no native bf16: fp32 by rule, nothing timed
+    ({"amx_bf16"}, 0.5, "bf16-mixed"),  # native and faster
+    ({"amx_bf16"}, 2.0, "32-true"),  # native but slower (as on a 2-core Xeon)
+])
+def test_a_single_run_settles_auto_for_this_machine(monkeypatch: pytest.MonkeyPatch, flags: set[str],
+                                                    bf16_step_s: float | None, expected: str) -> None:
+    from experiments import eta, precision
+
+    monkeypatch.setattr(precision, "detect", lambda: precision.cpu_hardware(flags))
+    timed: list[str] = []
+
+    def fake_measure(spec: RunSpec, chosen: str) -> eta.StepTimes:
+        timed.append(chosen)
+        return eta.StepTimes({"bf16-mixed": bf16_step_s, "32-true": 1.0}[chosen], 0.001)
+
+    monkeypatch.setattr(eta, "measure", fake_measure)
     auto = RunSpec.create("cpu", model="resnet18", **{**TINY, "precision": "auto"})
-    resolved = resolve("auto", detect())
-    assert resolved in ("32-true", "bf16-mixed") and auto.precision == "auto"
+    choice = precision_choice(auto)
+    assert choice.precision == expected and choice.hardware.startswith("cpu: ")
+    assert bool(timed) == (bf16_step_s is not None) and ("auto timed here" in choice.hardware) == bool(timed)
+    with pytest.raises(ValueError, match="devices=2") if timed else contextlib.nullcontext():
+        precision_choice(dataclasses.replace(auto, devices=2))
 
 
 @pytest.mark.slow
