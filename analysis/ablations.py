@@ -7,9 +7,12 @@ patch size. Runs are compared within a group: the same dataset, pretraining,
 training fraction and every other architecture field (width, depth, heads,
 image size); a group is shown when it holds at least two variants.
 
-Each variant's test accuracy is compared, paired by seed, with the paper's
-default variant of the same patch size (learned position embedding, class
-token). Patch shuffle tests the one exact prediction the steps make: without
+Each variant's test accuracy is compared, paired by seed, with its baseline:
+the paper's default variant of the same patch size (learned position
+embedding, class token); that default itself, at a patch size other than the
+group's reference (the patch size with the most variants, the smallest on a
+tie), with the reference patch size's default, so patch size is ablated too
+(`experiments/sweeps/ablations_patch.yaml`). Patch shuffle tests the one exact prediction the steps make: without
 a position embedding the encoder is permutation-equivariant over the patch
 tokens, and the class token's output or the patches' average is invariant,
 so shuffling whole patches cannot change the prediction.
@@ -117,6 +120,21 @@ class Group:
     cell: CellRuns
     variants: list[Variant]
 
+    @property
+    def reference_patch(self) -> int:
+        """The patch size with the most variants (the smallest on a tie): its default is the group's default."""
+        sizes = sorted({v.patch_size for v in self.variants})
+        return max(sizes, key=lambda size: (sum(v.patch_size == size for v in self.variants), -size))
+
+    def baseline(self, variant: Variant) -> Variant | None:
+        """What `variant` is compared with: the default of its patch size, or for that default, the default of
+        the reference patch size; None for the group's default itself."""
+        if not variant.is_default:
+            return variant.default
+        if variant.patch_size == self.reference_patch:
+            return None
+        return Variant(self.reference_patch, "learn", "token", True)
+
     def runs_of(self, variant: Variant, column: str) -> pd.DataFrame:
         """The variant's runs with a finite `column`, by seed."""
         runs = self.cell.runs[self.cell.runs["variant"] == variant]
@@ -159,9 +177,9 @@ def accuracy(group: Group, variant: Variant) -> Estimate:
 
 
 def difference_to_default(group: Group, variant: Variant) -> Estimate:
-    """Test accuracy of `variant` − the default of its patch size, paired by seed."""
+    """Test accuracy of `variant` − that of its baseline (`Group.baseline`), paired by seed."""
     mine = group.runs_of(variant, CLEAN).set_index("seed")
-    default = group.runs_of(variant.default, CLEAN).set_index("seed")
+    default = group.runs_of(group.baseline(variant), CLEAN).set_index("seed")
     seeds = sorted(set(mine.index) & set(default.index))
     differences = [float(mine.at[s, CLEAN]) - float(default.at[s, CLEAN]) for s in seeds]
 
@@ -220,8 +238,8 @@ def ablation_table(runs: pd.DataFrame, runs_dir: Path | str) -> Table:
     """Table A1: the ViT variants of the sweep, as the ViT paper's Table 8, with patch shuffle.
 
     Rows: per group (setting and model), each variant. Columns: test accuracy
-    mean [95% interval] and n; Δ to the default variant of the same patch
-    size, paired by seed (bold when its interval excludes 0); patch-shuffle
+    mean [95% interval] and n; Δ to the variant's baseline (`Group.baseline`),
+    paired by seed (bold when its interval excludes 0); patch-shuffle
     accuracy; shuffled − clean on the same images; whether shuffle invariance
     is expected and how many images changed correctness.
 
@@ -241,14 +259,16 @@ def ablation_table(runs: pd.DataFrame, runs_dir: Path | str) -> Table:
     for group in groups:
         for variant in group.variants:
             acc = accuracy(group, variant)
-            if variant.is_default:
+            baseline = group.baseline(variant)
+            if baseline is None:
                 delta = Cell("default")
-            elif not len(group.runs_of(variant.default, CLEAN)):
+            elif not len(group.runs_of(baseline, CLEAN)):
                 delta = Cell("– (no default run)")
             else:
                 found = difference_to_default(group, variant)
                 marked |= found.test_sampling
-                delta = Cell(found.text(signed=True) + (f" (n={found.n})" if found.n != acc.n else ""),
+                versus = f" vs patch {baseline.patch_size}" if baseline.patch_size != variant.patch_size else ""
+                delta = Cell(found.text(signed=True) + (f" (n={found.n})" if found.n != acc.n else "") + versus,
                              bold=found.excludes_zero)
             marked |= acc.test_sampling
             models = " / ".join(sorted(set(group.runs_of(variant, CLEAN)["model"])))
@@ -262,8 +282,9 @@ def ablation_table(runs: pd.DataFrame, runs_dir: Path | str) -> Table:
             rows.append(line)
     caption = ("ViT ablations in the layout of the ViT paper's Table 8. Test accuracy: mean [95% interval], "
                "Student-t over seeds when n ≥ 2. Δ: accuracy minus that of the paper's default variant of the same "
-               "patch size (learned 1-D position embedding, class token), paired by seed, in points; bold when its "
-               "interval excludes 0.")
+               "patch size (learned 1-D position embedding, class token), and for the default of another patch "
+               "size, minus the default of the patch size with the most variants ('vs patch P'); paired by seed, in "
+               "points; bold when its interval excludes 0.")
     if shuffled_any:
         caption += (" Patch shuffle permutes the image's grid cells; shuffle − clean compares the same subset "
                     "images (clean = nothing occluded). Without a position embedding the encoder is "
@@ -280,12 +301,13 @@ def ablation_table(runs: pd.DataFrame, runs_dir: Path | str) -> Table:
 # --------------------------------------------------------------- findings
 def _difference_sentences(group: Group) -> Iterator[str]:
     for variant in group.variants:
-        if variant.is_default or not len(group.runs_of(variant.default, CLEAN)):
+        baseline = group.baseline(variant)
+        if baseline is None or not len(group.runs_of(baseline, CLEAN)):
             continue
         found = difference_to_default(group, variant)
         if found.n == 0:
             continue
-        text = (f"{group.cell.title}, {group.models}: {variant.label} vs the default ({variant.default.label}): "
+        text = (f"{group.cell.title}, {group.models}: {variant.label} vs the default ({baseline.label}): "
                 f"test accuracy {found.sentence()}")
         if not found.has_interval:
             yield text + "; no interval, so no direction is claimed."

@@ -45,7 +45,7 @@ def test_rows_follow_the_paper_layout_and_the_default_is_marked(tmp_path):
                     ("2-D sin-cos", "class token", "4"), ("none", "class token", "4"),
                     ("learned 1-D", "class token", "8"), ("none", "avg pool", "8")]
     defaults = [k for k, r in zip(keys, table.rows) if cell(table, r, "Δ vs default (points)").text == "default"]
-    assert defaults == [("learned 1-D", "class token", "4"), ("learned 1-D", "class token", "8")]
+    assert defaults == [("learned 1-D", "class token", "4")]  # patch 4 has the most variants: the reference
     assert all(r[0].text == "vit_tiny_p8" for r in table.rows)  # the CNN is not a variant
     assert any("Table 8" in note for note in table.notes)
     assert "Shuffle acc. (%)" not in table.header and any("no patch-shuffle" in note for note in table.notes)
@@ -65,6 +65,13 @@ def test_differences_are_paired_by_seed_against_the_default_of_the_same_patch(tm
     assert sincos.text == expected(("sincos2d", "token", 4), ("learn", "token", 4)) and not sincos.bold
     none8 = cell(table, row(table, "none", "avg pool", "8"), "Δ vs default (points)")
     assert none8.text == expected(("none", "avg", 8), ("learn", "token", 8)) and none8.bold
+    # patch size is an ablation too: the default of patch 8 against the default of the reference patch 4
+    patch8 = cell(table, row(table, "learned 1-D", "class token", "8"), "Δ vs default (points)")
+    assert patch8.text == expected(("learn", "token", 8), ("learn", "token", 4)) + " vs patch 4"
+    assert not patch8.bold  # −5, −8, −2 points: the interval includes 0 at n = 3
+    found = ablations.ablation_findings(runs_of(tmp_path, ablation_sweep()), tmp_path)
+    assert any("learned 1-D position embedding, class token, patch 8 vs the default (learned 1-D position "
+               "embedding, class token, patch 4)" in s and "within noise" in s for s in found)
     acc = cell(table, row(table, "none", "class token", "4"), "Test acc. (%)").text
     assert acc.startswith("70.0 [")
 
