@@ -3,7 +3,7 @@
 For each distinct net of a sweep (model, architecture, image size, channels,
 batch, precision) a few training steps of the runs' recipe (forward, loss,
 backward, AdamW; channels-last for CNNs, as `ImageClassifier` does) are
-timed after warm-up on random images, and one evaluation batch; a run's
+timed after warm-up on random images, and a few evaluation batches; a run's
 estimate is its step budget times the step time plus its evaluations
 (validations, the test set, the training subset) times the per-image
 evaluation time. With early stopping (`patience`) a run may stop sooner, so
@@ -24,6 +24,7 @@ from lightning_modules.catalog import DATASETS
 
 WARMUP_STEPS = 3
 TIMED_STEPS = 4
+TIMED_EVAL_BATCHES = 3  # one evaluation batch alone varied 2x between repeats on a 2-core VM
 TRAIN_EVAL_IMAGES = 1024  # the training subset evaluated for the train-test gap (ImageDataModule.train_eval_size)
 
 
@@ -48,7 +49,8 @@ def net_label(key: tuple) -> str:
 
 
 def measure(spec: RunSpec, precision: str) -> StepTimes:
-    """Time `TIMED_STEPS` training steps (after `WARMUP_STEPS`) and one evaluation batch of `spec`'s net."""
+    """Time `TIMED_STEPS` training steps (after `WARMUP_STEPS`) and `TIMED_EVAL_BATCHES` evaluation batches (after
+    one) of `spec`'s net."""
     import torch
     import torch.nn.functional as F
 
@@ -86,8 +88,9 @@ def measure(spec: RunSpec, precision: str) -> StepTimes:
     with torch.no_grad(), autocast:
         net(images)  # warm-up
         start = now()
-        net(images)
-        eval_image_s = (now() - start) / batch
+        for _ in range(TIMED_EVAL_BATCHES):
+            net(images)
+        eval_image_s = (now() - start) / (TIMED_EVAL_BATCHES * batch)
     return StepTimes(train_step_s, eval_image_s)
 
 

@@ -6,9 +6,12 @@ AMX) is emulated and many times slower than fp32 (benchmarks/RESULTS.md), so
 bf16 (Ampere and newer). A CPU with native bf16 (AVX-512 BF16 or AMX on x86,
 the BF16 extension on Arm) can still train slower in bf16 than in fp32 (a
 2-core Xeon with AMX: 1.5x slower, benchmarks/RESULTS.md), so there `auto`
-is settled by timing: a few training steps of the runs' own nets in both
-precisions (`experiments.eta.time_precisions`), and the faster estimate
-wins. A sweep settles it once and keeps it in `runs/SWEEP/precision.json`,
+is settled by timing: a few training steps and evaluation batches of the
+runs' own nets in both precisions (`experiments.eta.time_precisions`), and
+bf16 is chosen only when its estimate is at least `BF16_MARGIN` faster than
+fp32's (below that, the timing's own noise on a busy 2-core machine could
+flip the choice from one sweep to the next, and fp32 is the plainer
+arithmetic). A sweep settles it once and keeps it in `runs/SWEEP/precision.json`,
 so both nets of a comparison, and a resumed sweep, always share it; every
 result records what was requested, what it resolved to and why.
 """
@@ -25,6 +28,7 @@ from typing import Any
 AUTO = "auto"
 PRECISIONS = (AUTO, "32-true", "bf16-mixed", "16-mixed")
 TIMED = ("bf16-mixed", "32-true")  # what `auto` chooses between, by timing, on a CPU with native bf16
+BF16_MARGIN = 0.10  # bf16 must time at least 10 % faster than fp32 to be chosen
 X86_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 SETTLED_FILE = "precision.json"  # runs/SWEEP/precision.json: a sweep's settled `auto`
 
@@ -140,7 +144,7 @@ def check_timeable(requested: str, hardware: Hardware, devices: int) -> None:
 
 def resolve(requested: str, hardware: Hardware, estimated_s: Mapping[str, float] | None = None) -> str:
     """The precision a run uses: `requested`, or for "auto" bf16-mixed where native (on a CPU with native bf16:
-    the precision of TIMED with the smaller `estimated_s`; fp32 on a tie), else 32-true.
+    only where `estimated_s` times it at least BF16_MARGIN faster than 32-true), else 32-true.
 
     Raises:
         ValueError: `requested` is not one of PRECISIONS, or `auto` needs timing and `estimated_s` lacks it.
@@ -154,7 +158,7 @@ def resolve(requested: str, hardware: Hardware, estimated_s: Mapping[str, float]
     if estimated_s is None or any(p not in estimated_s for p in TIMED):
         raise ValueError(f"invalid estimated_s={dict(estimated_s or {})!r} (allowed: seconds for each of "
                          f"{' and '.join(TIMED)}: `auto` on a CPU with native bf16 is settled by timing)")
-    return min(reversed(TIMED), key=lambda p: estimated_s[p])  # reversed: 32-true first, so it wins a tie
+    return "bf16-mixed" if estimated_s["bf16-mixed"] <= (1 - BF16_MARGIN) * estimated_s["32-true"] else "32-true"
 
 
 def timed_choice(hardware: Hardware, estimated_s: Mapping[str, float]) -> Choice:
