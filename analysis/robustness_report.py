@@ -1,4 +1,4 @@
-"""Robustness and calibration of each net: two tables, three figures and the finding sentences.
+"""Robustness, calibration and dataset shift of each net: three tables, three figures and the finding sentences.
 
 What is compared (per cell: one dataset, pretraining and training fraction;
 by default the largest fraction of each dataset and pretraining, stated in
@@ -14,20 +14,26 @@ every caption):
   with the image's grid cells shuffled;
 - calibration: ECE (15 equal-width bins, L1, binned as torchmetrics'
   `CalibrationError`) and NLL before and after temperature scaling, the
-  temperature fitted on the validation split.
+  temperature fitted on the validation split;
+- dataset shift (runs trained on CIFAR-10): accuracy on CIFAR-10's test set
+  and on CIFAR-10.1, and on CIFAR-10's and STL-10's test images of their 9
+  shared classes (argmax over those 9), with each drop (CIFAR-10 − shifted, in
+  points, per run), from the `shift/*` metrics and `shift.npz`.
 
 Every number has its n and a 95% interval (`analysis.estimates`): Student-t
 over seeds at n >= 2; at n = 1 the test-sampling interval from the run's
-per-image arrays (`robustness.npz`, `predictions.npz`), labelled so.
+per-image arrays (`robustness.npz`, `predictions.npz`, `shift.npz`), labelled so.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib as mpl
@@ -42,7 +48,7 @@ from analysis.estimates import Estimate, ImageSample
 from analysis.figure_kit import RunsDirFigure, cell_title, legend_below, model_colors, panels
 from analysis.outputs import (REFERENCE_CNN, NoData, condition_key, condition_label, fraction_label,
                               models_in_order)
-from analysis.run_files import PREDICTIONS, ROBUSTNESS, RunArrays, bind_runs_dir
+from analysis.run_files import PREDICTIONS, ROBUSTNESS, RunArrays, bind_runs_dir, run_dir
 from analysis.tables import Cell, Table
 
 CELL_KEYS = ["dataset", "pretraining", "pretrain_size", "train_fraction"]
@@ -55,6 +61,11 @@ MEAN_CORRUPTION = "corrupt/mean_acc1"
 RELATIVE_CE = "corrupt/relative_ce"  # added per run by `with_derived_columns`, in %
 SHUFFLE = "shuffle/acc1"
 TEMPERATURE = "calib/temperature"
+SHIFT_FILE = "shift.npz"  # per set: <set>_correct, <set>_target, <set>_index (experiments.generalization)
+# shifted set -> CIFAR-10's set under the same rule; "shift/<shifted>/drop" (added per run) = acc(ref) − acc(shifted)
+SHIFT_PAIRS = {"cifar10.1": "cifar10", "stl10_shared": "cifar10_shared"}
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------- columns
@@ -78,6 +89,11 @@ def nearest_occlusion(runs: pd.DataFrame, target: float = OCCLUSION_TARGET) -> t
         return None
     column = min(columns, key=lambda c: (abs(columns[c] - target), columns[c]))
     return column, columns[column]
+
+
+def shift_column(name: str, what: str = "acc1") -> str:
+    """`shift/<set>/acc1`, or `shift/<shifted set>/drop`, the per-run column `with_derived_columns` adds."""
+    return f"shift/{name}/{what}"
 
 
 def severity_column(severity: int) -> str:
@@ -130,7 +146,8 @@ def relative_corruption_error(runs: pd.DataFrame, reference: str = REFERENCE_CNN
 
 def with_derived_columns(runs: pd.DataFrame, reference: str = REFERENCE_CNN) -> pd.DataFrame:
     """`runs` plus the relative corruption error, the per-severity means over corruptions, and
-    `corrupt/mean_acc1` where a record lacks it."""
+    `corrupt/mean_acc1` where a record lacks it, and each dataset-shift drop (CIFAR-10's accuracy − the shifted
+    set's, where a run has both)."""
     columns = corruption_columns(runs)
     added = {RELATIVE_CE: relative_corruption_error(runs, reference)}
     if columns:  # records that list every corruption but not their mean get it computed
@@ -139,6 +156,10 @@ def with_derived_columns(runs: pd.DataFrame, reference: str = REFERENCE_CNN) -> 
     for severity in sorted({s for _, s in columns.values()}):
         same = [c for c, (_, s) in columns.items() if s == severity]
         added[severity_column(severity)] = runs[same].astype(float).mean(axis=1)
+    for shifted, reference in SHIFT_PAIRS.items():
+        both = [shift_column(reference), shift_column(shifted)]
+        if all(c in runs for c in both):
+            added[shift_column(shifted, "drop")] = runs[both[0]].astype(float) - runs[both[1]].astype(float)
     return pd.concat([runs.drop(columns=[c for c in added if c in runs]), pd.DataFrame(added, index=runs.index)],
                      axis=1)
 
@@ -215,6 +236,7 @@ class CellRuns:
     runs: pd.DataFrame
     files: RunArrays
     reference: str | None
+    shift_files: dict[str, dict[str, np.ndarray] | None] = field(default_factory=dict)
 
     def of(self, model: str, column: str) -> pd.DataFrame:
         """The model's runs with a finite `column`, by seed."""
@@ -280,6 +302,36 @@ class CellRuns:
         rob = self.files.get(run, ROBUSTNESS)
         return None if rob is None else estimates.accuracy_sample(_subset_images(rob), rob["shuffle_correct"])
 
+    def shift_arrays(self, run: pd.Series) -> dict[str, np.ndarray] | None:
+        """The run's shift.npz (the name its result.json gives), read once; None when missing or unreadable."""
+        key = str(run["run_id"])
+        if key not in self.shift_files:
+            self.shift_files[key] = load_shift(self.files.runs_dir, run)
+        return self.shift_files[key]
+
+    def shift(self, run: pd.Series, sets: tuple[str, ...]) -> ImageSample | None:
+        """Accuracy on one shift set, or for (reference, shifted) the drop acc(reference) − acc(shifted), per image.
+
+        A drop's two sets are different images: its sample pools them, and a resample's statistic is the
+        difference of the means of the images it drew from each (a bootstrap over the pooled images).
+        """
+        arrays = self.shift_arrays(run)
+        if arrays is None or any(f"{s}_correct" not in arrays for s in sets):
+            return None
+        images = estimates.fingerprint("shift:" + "+".join(sets), np.concatenate(
+            [np.stack([arrays[f"{s}_index"], arrays[f"{s}_target"]]) for s in sets], axis=1))
+        if len(sets) == 1:
+            return estimates.accuracy_sample(images, arrays[f"{sets[0]}_correct"])
+        first, second = (np.asarray(arrays[f"{s}_correct"], dtype=float) for s in sets)
+        pooled = np.concatenate([first, second])  # (n1 + n2,)
+        in_first = np.arange(pooled.size) < first.size
+
+        def statistic(idx: np.ndarray) -> float:
+            a, b = idx[in_first[idx]], idx[~in_first[idx]]
+            return float(pooled[a].mean() - pooled[b].mean()) if a.size and b.size else math.nan
+
+        return ImageSample(images, pooled.size, statistic)
+
     def calibration(self, run: pd.Series, kind: str, scaled: bool) -> ImageSample | None:
         """ECE (`kind` "ece") or NLL ("nll") of the test logits, before or after temperature scaling."""
         pred = self.files.get(run, PREDICTIONS)
@@ -291,6 +343,26 @@ class CellRuns:
             return ImageSample(_test_images(pred), nll.size, lambda idx: float(nll[idx].mean()))
         return ImageSample(_test_images(pred), nll.size,
                            lambda idx: expected_calibration_error(confidence[idx], correct[idx]))
+
+
+def load_shift(runs_dir: Path | str, run: pd.Series) -> dict[str, np.ndarray] | None:
+    """A run's shift.npz, or None when it is missing, unreadable or lacks a listed set's arrays (one warning)."""
+    given = run.get("shift")
+    path = run_dir(runs_dir, run) / (given if isinstance(given, str) and given else SHIFT_FILE)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        log.warning("skipping %s: unreadable (%s)", path, " ".join(str(err).split()))
+        return None
+    missing = [f"{name}_{what}" for name in arrays.get("sets", np.array([], dtype=str)).tolist()
+               for what in ("correct", "target", "index") if f"{name}_{what}" not in arrays]
+    if "sets" not in arrays or missing:
+        log.warning("skipping %s: missing %s", path, ", ".join(missing or ["sets"]))
+        return None
+    return arrays
 
 
 def chosen_cells(runs: pd.DataFrame, runs_dir: Path | str, columns: list[str], fraction: float | None = None,
@@ -332,6 +404,7 @@ class Measure:
         claim: what "better" means, for findings ("more accurate under corruption").
         unit: of a difference, for findings.
         sample: (cell, run) -> the run's `ImageSample` for its n = 1 interval.
+        difference: a per-run difference (a drop): bold in a table when its Student-t interval excludes 0.
     """
 
     title: str
@@ -342,6 +415,7 @@ class Measure:
     claim: str
     unit: str
     sample: Callable[[CellRuns, pd.Series], ImageSample | None]
+    difference: bool = False
 
 
 def robustness_measures(runs: pd.DataFrame) -> list[Measure]:
@@ -380,6 +454,35 @@ CALIBRATION_MEASURES = [
             lambda cell, run: cell.calibration(run, "nll", scaled=True)),
     Measure("Temperature T", TEMPERATURE, 1.0, 2, None, "", "", lambda cell, run: None),
 ]
+
+
+def _shift_accuracy(title: str, name: str, claim: str) -> Measure:
+    return Measure(title, shift_column(name), 100.0, 1, True, claim, "points",
+                   lambda cell, run: cell.shift(run, (name,)))
+
+
+def _shift_drop(title: str, shifted: str, claim: str) -> Measure:
+    sets = (SHIFT_PAIRS[shifted], shifted)
+    return Measure(title, shift_column(shifted, "drop"), 100.0, 1, False, claim, "points",
+                   lambda cell, run: cell.shift(run, sets), difference=True)
+
+
+SHIFT_MEASURES = [
+    _shift_accuracy("CIFAR-10 test (%)", "cifar10", "more accurate on CIFAR-10's test set"),
+    _shift_accuracy("CIFAR-10.1 (%)", "cifar10.1", "more accurate on CIFAR-10.1"),
+    _shift_drop("Drop to CIFAR-10.1 (points)", "cifar10.1",
+                "less hurt by the shift from CIFAR-10 to CIFAR-10.1 (a smaller drop)"),
+    _shift_accuracy("CIFAR-10, 9 shared classes (%)", "cifar10_shared",
+                    "more accurate on CIFAR-10's test images of the classes it shares with STL-10"),
+    _shift_accuracy("STL-10, 9 shared classes (%)", "stl10_shared", "more accurate on STL-10's shared classes"),
+    _shift_drop("Drop to STL-10 (points)", "stl10_shared",
+                "less hurt by the shift from CIFAR-10 to STL-10 (a smaller drop on the shared classes)"),
+]
+
+
+def shift_measures(runs: pd.DataFrame) -> list[Measure]:
+    """The dataset-shift measures that some run has (after `with_derived_columns`)."""
+    return [m for m in SHIFT_MEASURES if m.column in runs and runs[m.column].notna().any()]
 
 
 def cell_estimate(cell: CellRuns, model: str, measure: Measure) -> Estimate:
@@ -422,7 +525,7 @@ def _cells_text(measures: list[Measure], cells: list[CellRuns]) -> tuple[list[li
                 if found.n not in (0, n) and found.has_interval:
                     text += f" (n={found.n})"
                 marked |= found.test_sampling
-                row.append(Cell(text))
+                row.append(Cell(text, bold=measure.difference and found.method == "t" and found.excludes_zero))
             rows.append(row)
     return rows, multi, marked
 
@@ -510,9 +613,49 @@ def calibration_table(runs: pd.DataFrame, runs_dir: Path | str, fraction: float 
     return Table("table_r2_calibration", "Table R2. Calibration", caption, header, rows, n_keys=3 + multi, notes=notes)
 
 
+def _shift_images_note(runs: pd.DataFrame, measures: list[Measure]) -> str:
+    """"Test images: CIFAR-10.1 2,000; ...": the images each evaluated set has, as the runs recorded them."""
+    parts = []
+    for measure in measures:
+        column = measure.column.replace("/acc1", "/n")
+        if measure.difference or column not in runs:
+            continue
+        sizes = sorted({int(n) for n in runs[column].dropna()})
+        parts.append(f"{measure.title.replace(' (%)', '')} {' / '.join(f'{n:,}' for n in sizes)}")
+    return f"Test images per set: {'; '.join(parts)}." if parts else ""
+
+
+def shift_table(runs: pd.DataFrame, runs_dir: Path | str, fraction: float | None = None) -> Table:
+    """Table R3: dataset shift of runs trained on CIFAR-10: CIFAR-10 test, CIFAR-10.1 and the drop; CIFAR-10 and
+    STL-10 on their 9 shared classes and the drop; per model, mean over seeds.
+
+    Raises:
+        NoData: no run has shift/* metrics.
+    """
+    measures = shift_measures(with_derived_columns(runs))
+    cells = chosen_cells(runs, runs_dir, [m.column for m in measures], fraction)
+    if not measures or not cells:
+        raise NoData("no completed run has dataset-shift metrics (shift/*: runs on cifar10 evaluated with "
+                     "CIFAR-10.1 or STL-10 present)")
+    rows, multi, marked = _cells_text(measures, cells)
+    header = ["Dataset"] * multi + ["Pretraining", "Train fraction (images)", "Model", "n"]
+    header += [m.title for m in measures]
+    caption = (f"Dataset shift {_choice_text(fraction)}, of nets trained on CIFAR-10. Cells: mean [95% interval], "
+               "Student-t over seeds when n ≥ 2 (n: seeds). CIFAR-10 test and CIFAR-10.1 (v6, Recht et al. 2018): "
+               "argmax over the 10 classes. 9 shared classes: CIFAR-10's and STL-10's test images of the classes "
+               "both have (STL's car is CIFAR's automobile; STL's monkey images left out), predicted by the argmax "
+               "over those 9 classes (the frog logit masked on both), at the run's input size and normalisation. "
+               "Drop: CIFAR-10 − the shifted set, per run, in points; bold when its Student-t interval over seeds "
+               "excludes 0.")
+    notes = [note for note in [_shift_images_note(runs, measures)] if note]
+    notes += [estimates.TEST_SAMPLING_NOTE + " A drop's interval bootstraps the images of both sets pooled."] * marked
+    return Table("table_r3_shift", "Table R3. Dataset shift", caption, header, rows, n_keys=3 + multi, notes=notes)
+
+
 TABLES: dict[str, Callable[..., Table]] = {
     "table_r1_robustness": robustness_table,
     "table_r2_calibration": calibration_table,
+    "table_r3_shift": shift_table,
 }
 
 
@@ -714,11 +857,12 @@ def _pairs(cell: CellRuns) -> Iterator[tuple[str, str]]:
 
 
 def robustness_findings(runs: pd.DataFrame, runs_dir: Path | str) -> list[str]:
-    """Sentences: per chosen cell and (ViT, CNN) pair, the paired difference of each robustness measure and
-    of ECE before and after temperature scaling, with its n and interval, and a direction only when the
-    interval excludes 0."""
+    """Sentences: per chosen cell and (ViT, CNN) pair, the paired difference of each robustness measure, of ECE
+    before and after temperature scaling and of each dataset-shift measure, with its n and interval, and a
+    direction only when the interval excludes 0."""
     measures = [m for m in robustness_measures(runs) if m.column != CLEAN]
     measures += [m for m in CALIBRATION_MEASURES if m.column in ("test/ece", "test/ece_ts") and m.column in runs]
+    measures += shift_measures(with_derived_columns(runs))
     cells = chosen_cells(runs, runs_dir, [m.column for m in measures])
     sentences = []
     for cell in cells:
@@ -727,7 +871,7 @@ def robustness_findings(runs: pd.DataFrame, runs_dir: Path | str) -> list[str]:
                 found = paired_difference(cell, vit, cnn, measure)
                 if found.n == 0:
                     continue
-                label = measure.title.replace(" (%)", "")
+                label = re.sub(r" \((%|points)\)$", "", measure.title)
                 sentences.append(f"{cell.title}: {label}, {vit} − {cnn} = "
                                  f"{found.sentence(measure.scale, measure.digits, measure.unit)}; "
                                  f"{_verdict(found, vit, cnn, measure)}.")

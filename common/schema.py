@@ -81,6 +81,7 @@ FIELDS: dict[str, Field] = {
     "hardware": Field("str"),  # the device and why its precision was chosen
     "predictions": Field("str"),  # file in the run directory with val/test logits and targets (predictions.npz)
     "robustness": Field("str"),  # file with per-image correctness under corruption/occlusion (robustness.npz)
+    "shift": Field("str"),  # file with per-image correctness on CIFAR-10 and its shifted test sets (shift.npz)
     "upstream_val_acc1": Field("number"),  # the pretraining run's own validation accuracy
     "upstream_improving_at_end": Field("bool"),  # whether the pretraining run was still improving
     "wall_time_s": Field("number"),

@@ -1,6 +1,6 @@
 """Add generalization metrics to finished runs, without retraining.
 
-    python -m experiments.evaluate RUN_DIR [RUN_DIR ...] [--robust-subset N] [--force]
+    python -m experiments.evaluate RUN_DIR [RUN_DIR ...] [--robust-subset N] [--download-shift] [--force]
     python -m experiments.evaluate runs/default/*          # every run of a sweep
 
 For each completed run, the selected checkpoint (`checkpoints/best.ckpt`,
@@ -8,10 +8,15 @@ loaded with `weights_only=True`) is evaluated on the run's own data split:
 calibration (temperature scaling on the validation split; ECE and NLL before
 and after) and, with a subset size (`--robust-subset`, else the run's own
 `robust_subset`, else 200), the 15 corruptions x 5 severities, occlusion and
-patch shuffle on the same fixed test subset every run gets. The metrics are
-merged into `result.json` (under the run's lock, atomically) and per-image
-correctness goes to `robustness.npz`. A run that already has them is left as
-it is (`--force` evaluates again), so rerunning the command changes nothing.
+patch shuffle on the same fixed test subset every run gets. A run trained on
+cifar10 also gets the dataset shift (CIFAR-10 test vs CIFAR-10.1, and vs
+STL-10 on their 9 shared classes; `experiments.generalization.dataset_shift`)
+for each shifted set whose files are in the run's data root: a missing one is
+skipped with one line, and downloaded only with `--download-shift`. The
+metrics are merged into `result.json` (under the run's lock, atomically) and
+per-image correctness goes to `robustness.npz` and `shift.npz`. What a run
+already has is left as it is (`--force` evaluates again), so rerunning the
+command changes nothing.
 Exit code 0 when every run was evaluated or already was, 1 when some could
 not be (named, with the reason), 2 on bad input.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,25 +78,46 @@ def logits_of(net: Any, loader: Any, precision: str) -> tuple[Any, Any]:
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate_run(rundir: RunDir, robust_subset: int | None, force: bool) -> str:
+def _robustness_done(result: dict[str, Any], rundir: RunDir, subset: int) -> bool:
+    metrics = result.get("metrics", {})
+    return ("calib/temperature" in metrics and result.get("robustness") == rundir.robustness.name
+            and metrics.get("corrupt/n") == subset)
+
+
+def _shift_done(result: dict[str, Any], found: Iterable[str]) -> bool:
+    """Whether the result already has both sets of every comparison whose shifted set is `found`."""
+    from lightning_modules.shift import COMPARISONS
+
+    metrics = result.get("metrics", {})
+    return all(f"shift/{name}/acc1" in metrics for key in found for name in COMPARISONS[key])
+
+
+def evaluate_run(rundir: RunDir, robust_subset: int | None, force: bool, download_shift: bool = False) -> str:
     """Evaluate one run and merge its metrics into result.json; returns what was done, in a few words."""
     from experiments import generalization
 
     with rundir.lock():
         spec, result, datamodule, net, precision = load_trained(rundir)
         subset = robust_subset or spec.robust_subset or DEFAULT_SUBSET
-        has = result.get("metrics", {})
-        done = ("calib/temperature" in has and result.get("robustness") == rundir.robustness.name
-                and has.get("corrupt/n") == subset)
-        if done and not force:
+        record, done = {**result, "metrics": dict(result.get("metrics", {}))}, []
+        if force or not _robustness_done(result, rundir, subset):
+            kept = {"val": logits_of(net, datamodule.val_dataloader(), precision),
+                    "test": logits_of(net, datamodule.test_dataloader(), precision)}
+            record["metrics"].update({**generalization.calibration(kept),
+                                      **generalization.robustness(net, datamodule, subset, precision, rundir)})
+            record["robustness"] = rundir.robustness.name
+            done.append(f"{subset} test images under corruption, occlusion and shuffle")
+        found = generalization.shift_sets(datamodule, download_shift)
+        if found and (force or not _shift_done(result, found)):
+            shifted = generalization.dataset_shift(net, datamodule, found, precision, rundir)
+            record["metrics"] = {**{k: v for k, v in record["metrics"].items() if not k.startswith("shift/")},
+                                 **shifted}
+            record["shift"] = generalization.SHIFT_FILE
+            done.append(f"dataset shift on {' and '.join(found)}")
+        if not done:
             return "already evaluated"
-        kept = {"val": logits_of(net, datamodule.val_dataloader(), precision),
-                "test": logits_of(net, datamodule.test_dataloader(), precision)}
-        metrics = {**generalization.calibration(kept),
-                   **generalization.robustness(net, datamodule, subset, precision, rundir)}
-        rundir.write_result({**result, "metrics": {**result.get("metrics", {}), **metrics},
-                             "robustness": rundir.robustness.name})
-    return f"evaluated ({subset} test images under corruption, occlusion and shuffle)"
+        rundir.write_result(record)
+    return f"evaluated ({'; '.join(done)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders (runs/SWEEP/RUN_ID)")
     parser.add_argument("--robust-subset", type=int, default=None,
                         help=f"test images under corruption (default: the run's robust_subset, else {DEFAULT_SUBSET})")
+    parser.add_argument("--download-shift", action="store_true",
+                        help="download CIFAR-10.1 and STL-10 for the dataset shift of cifar10 runs when missing")
     parser.add_argument("--force", action="store_true", help="evaluate again runs that already were")
     args = parser.parse_args(argv)
     if args.robust_subset is not None and args.robust_subset < 1:
@@ -112,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for path in args.run_dirs:
         try:
-            print(f"{path}: {evaluate_run(RunDir(path), args.robust_subset, args.force)}", flush=True)
+            done = evaluate_run(RunDir(path), args.robust_subset, args.force, args.download_shift)
+            print(f"{path}: {done}", flush=True)
         except (ValueError, SpecError) as exc:  # not completed, no checkpoint, data gone: named, the rest goes on
             failed += 1
             print(f"{path}: not evaluated: {exc}", file=sys.stderr, flush=True)

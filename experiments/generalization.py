@@ -13,13 +13,20 @@ finished run later (`python -m experiments.evaluate RUN_DIR...`,
   goes to `robustness.npz`, for intervals over images;
 - interpretability (`explain_images` > 0, or the explain command): attention
   rollout, attention distance, effective receptive fields and Grad-CAM on the
-  same fixed test images, to `explain.npz`.
+  same fixed test images, to `explain.npz`;
+- dataset shift (`shift_eval`, runs trained on cifar10): CIFAR-10 test vs
+  CIFAR-10.1 and vs STL-10 on their shared classes (`lightning_modules.shift`),
+  for the shifted sets whose files are in the data root; a missing one is
+  skipped with one line saying what would enable it, and never downloaded
+  unless asked. Per-image correctness goes to `shift.npz`.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,8 +38,11 @@ from experiments.rundir import RunDir
 
 if TYPE_CHECKING:
     from lightning_modules.data import ImageDataModule
+    from lightning_modules.shift import Labelled
 
 EVALUATION_SEED = 0  # one subset, one set of corruptions, masks and permutations for every run
+SHIFT_FILE = "shift.npz"  # beside result.json, which names it in its `shift` field
+SHIFT_TRAINED_ON = "cifar10"
 
 
 def evaluation_grid(img_size: int) -> int:
@@ -122,3 +132,71 @@ def explain(net: nn.Module, datamodule: ImageDataModule, n_images: int, rundir: 
     inputs = datamodule.test_set.transform(images[torch.as_tensor(rows)]).to(device)  # (B, C, H, W)
     arrays = explain_batch(net, inputs)
     save_npz(rundir.explain, {**arrays, "test_indices": rows.astype(np.int64), "labels": labels[rows].astype(np.int64)})
+
+
+def _stderr_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _load_shifted(name: str, data_dir: Path | None, download: bool, cifar_classes: list[str]) -> Labelled:
+    """One shifted test set as stored: "cifar10.1" (CIFAR-10's classes) or "stl10" (its test split).
+
+    Raises:
+        DataError: files missing or malformed (one line).
+    """
+    from lightning_modules.datasets import SHIFT_LOADERS, DataRequest, load_source
+    from lightning_modules.shift import Labelled
+
+    request = DataRequest(name, data_dir, download)
+    if name in SHIFT_LOADERS:
+        found = SHIFT_LOADERS[name](request)
+        return Labelled(found.images, found.targets, cifar_classes)
+    source = load_source(request)
+    return Labelled(source.test.images, source.test.targets, source.classes)
+
+
+def shift_sets(datamodule: ImageDataModule, download: bool = False,
+               say: Callable[[str], None] = _stderr_line) -> dict[str, Labelled]:
+    """The shifted test sets found for a run trained on cifar10, by `lightning_modules.shift.COMPARISONS` key
+    ({} for a run on any other dataset: shift does not apply). Looked for where the run's data is (its
+    `--data-dir`, else the data root); one that cannot be read (files missing, or malformed) is skipped with one
+    line through `say` naming the set, the reason and what would enable it. Downloads only with `download`."""
+    from lightning_modules.datasets import DataError
+    from lightning_modules.shift import COMPARISONS
+
+    if datamodule.dataset != SHIFT_TRAINED_ON:
+        return {}
+    found = {}
+    for name in COMPARISONS:
+        try:
+            found[name] = _load_shifted(name, datamodule.data_dir, download, list(datamodule.classes))
+        except DataError as exc:
+            how = "" if download else " (the download: python -m experiments.evaluate RUN_DIR --download-shift)"
+            say(f"dataset shift: {name} skipped ({exc}{how})")
+    return found
+
+
+def dataset_shift(net: nn.Module, datamodule: ImageDataModule, sets: Mapping[str, Labelled], precision: str,
+                  rundir: RunDir) -> dict[str, float]:
+    """Evaluate the net on CIFAR-10's test set and the shifted `sets` (`shift_sets`), through the run's own test
+    transform; write `shift.npz` (per set: `<set>_correct`, `<set>_target`, `<set>_index`); return the
+    `shift/*` metrics ({} and no file when `sets` is empty)."""
+    from lightning_modules.shift import Labelled, evaluate_shift, predict_logits
+
+    if not sets:
+        return {}
+    images, labels = test_images(datamodule)
+    cifar10 = Labelled(images, labels, datamodule.classes)
+    was_training = net.training
+    net.eval()
+    try:
+        result = evaluate_shift(lambda x: predict_logits(net, x, datamodule.test_set.transform, datamodule.img_size,
+                                                         precision, datamodule.batch_size * 2), cifar10, dict(sets))
+    finally:
+        net.train(was_training)
+    arrays = {"sets": np.asarray(list(result.correct))}
+    for name in result.correct:
+        arrays.update({f"{name}_correct": result.correct[name], f"{name}_target": result.targets[name].astype(np.int64),
+                       f"{name}_index": result.rows[name].astype(np.int64)})
+    save_npz(rundir.path / SHIFT_FILE, arrays)
+    return result.metrics

@@ -76,6 +76,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # "auto" then resolves off and the result says why). torch.compile off until measured on a GPU to pay
         # back within a run (benchmarks/gpu_check.sh measures it).
         channels_last=True, fused_attention=True, compile=False, resident="auto",
+        # CIFAR-10.1 and STL-10 (shared classes) after training, where their files are in the data root
+        shift_eval=True,
     ),
 }
 # Cluster: the GPU recipe with 4 GPUs per run through DDP (batch_size is global).
@@ -87,7 +89,7 @@ WANDB_MODES = ("auto", "online", "offline", "off")
 # Fields added after the first runs, with the defaults that reproduce the behaviour before them: left
 # out of run_id at these values, so the ids of earlier runs do not change.
 LATER_FIELDS: dict[str, Any] = {"patience": 0, "val_fraction": 0.0, "pretrain_epochs": 0.0, "robust_subset": 0,
-                                "explain_images": 0}
+                                "explain_images": 0, "shift_eval": False}
 # timm.create_model arguments that the spec sets itself (from dataset, in_chans, drop_path, pretraining).
 SPEC_SET_KWARGS = ("num_classes", "in_chans", "drop_path_rate", "pretrained", "pretrained_cfg_overlay")
 
@@ -110,7 +112,7 @@ class RunSpec:
     `data_seed` (subset, split, order and augmentation) follows `seed` unless
     set, so a cell's spread over seeds covers the data as well as the
     initialisation. Fields added after the first runs (`patience`,
-    `val_fraction`, `pretrain_epochs`, `robust_subset`, `explain_images`, the
+    `val_fraction`, `pretrain_epochs`, `robust_subset`, `explain_images`, `shift_eval`, the
     architecture overrides) are left out of `run_id` at their defaults, which reproduce the
     earlier behaviour, so existing run ids stay valid. The fast-path switches
     (`channels_last`, `fused_attention`, `compile`, `resident`; RUNTIME_FIELDS)
@@ -159,6 +161,7 @@ class RunSpec:
     pretrain_epochs: float = 0.0
     robust_subset: int = 0
     explain_images: int = 0
+    shift_eval: bool = False  # dataset shift after training (runs on cifar10: CIFAR-10.1, STL-10)
     # the fast path (RUNTIME_FIELDS: how fast, not what; left out of run_id; the defaults are the behaviour
     # before these fields existed): channels-last memory for CNNs, fused attention (SDPA) for ViTs,
     # torch.compile of the net, the training subset resident on the device (True | False | "auto": where the
@@ -329,6 +332,7 @@ class RunSpec:
             cutmix_alpha=0.0,
             robust_subset=0,
             explain_images=0,
+            shift_eval=False,
         )
 
     @property
@@ -431,6 +435,7 @@ class RunSpec:
              "an integer >= 0 (test images under corruption and occlusion; 0 = off)")
         need(is_int(v.explain_images) and v.explain_images >= 0, "explain_images",
              "an integer >= 0 (test images for attention maps, receptive fields and Grad-CAM; 0 = off)")
+        need(isinstance(v.shift_eval, bool), "shift_eval", "true | false")
         need(isinstance(v.sweep, str) and v.sweep.replace("_", "").replace("-", "").isalnum(), "sweep",
              "letters, digits, '-' and '_'")
         need(v.data_dir is None or isinstance(v.data_dir, str), "data_dir", "a path or null")

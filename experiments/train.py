@@ -520,6 +520,12 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
             started = time.perf_counter()
             generalization.explain(built.module.net, datamodule, spec.explain_images, rundir)
             metrics["time/explain_s"] = time.perf_counter() - started
+        if spec.shift_eval:
+            shifted = generalization.dataset_shift(built.module.net, datamodule, generalization.shift_sets(datamodule),
+                                                   precision, rundir)
+            if shifted:
+                metrics.update(shifted)
+                out["shift"] = generalization.SHIFT_FILE
         if spec.role == "pretrain":
             state = built.module.net.state_dict()
             atomic_write(rundir.model_pt, lambda fh: torch.save(state, fh))

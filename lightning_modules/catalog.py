@@ -112,6 +112,32 @@ REGISTERED_DATASETS: dict[str, DatasetInfo] = {
     "fractaldb": DatasetInfo(0, 1, 32, None, None, (0.2,), (0.4,)),
 }
 
+
+@dataclass(frozen=True)
+class ShiftSetInfo:
+    """A test-only dataset: runs are evaluated on it, never trained on it (so it is not in `DATASETS`).
+
+    Attributes:
+        trained_on: the training dataset whose classes (label indices) it shares.
+        n_test: images.
+        native_size: side of the stored images.
+        files: where the files go and their layout, under the data root.
+    """
+
+    trained_on: str
+    n_test: int
+    native_size: int
+    files: str
+
+
+# The dataset-shift evaluation's own sets (`lightning_modules.shift`); each is read by a loader of
+# `lightning_modules.datasets` (`SHIFT_LOADERS`, a test checks both ways). STL-10, the other shift set, is a
+# training dataset too and is in DATASETS.
+SHIFT_SETS: dict[str, ShiftSetInfo] = {
+    # CIFAR-10.1 v6 (Recht et al. 2018): 2,000 new test images collected as CIFAR-10's were, in its 10 classes.
+    "cifar10.1": ShiftSetInfo("cifar10", 2_000, 32, "cifar10.1/cifar10.1_v6_{data,labels}.npy"),
+}
+
 TORCHVISION_PREFIX = "torchvision:"
 TORCHVISION_RULE = "torchvision:CLASS[:KEY=VALUE...]"
 _TORCHVISION_NAME = re.compile(r"torchvision:([A-Z][A-Za-z0-9_]*)((?::[a-z_][a-z0-9_]*=[A-Za-z0-9_.+-]+)*)")

@@ -22,6 +22,10 @@ False) or `split=` (its default or "train" / "test", else "val"), with
 (`torchvision:EMNIST:split=balanced`). Classes come from the dataset's
 `classes`, the image size from its first image, and the pixel statistics are
 measured on up to `STATS_IMAGES` of its training images.
+
+Test-only sets (the catalog's `SHIFT_SETS`, e.g. CIFAR-10.1) have loaders of
+their own in `SHIFT_LOADERS`: they return the test images only, never a
+`Source`, so no spec can train on them.
 """
 
 from __future__ import annotations
@@ -38,11 +42,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_modules.catalog import DATASETS, TORCHVISION_RULE, parse_torchvision_name
+from lightning_modules.catalog import DATASETS, SHIFT_SETS, TORCHVISION_RULE, parse_torchvision_name
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DATA_ROOT = Path(os.environ.get("VIT_VS_CNN_DATA", Path.home() / ".cache" / "vit-vs-cnn" / "data"))
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+CIFAR10_1_URL = "https://github.com/modestyachts/CIFAR-10.1/raw/master/datasets/"  # + a file name
+CIFAR10_1_FILES = ("cifar10.1_v6_data.npy", "cifar10.1_v6_labels.npy")
 STATS_IMAGES = 2000  # training images the pixel statistics of a torchvision dataset are measured on
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -220,7 +226,7 @@ def load_source(request: DataRequest) -> Source:
 
 def files_missing(request: DataRequest, folder: Path, download_error: str | None = None, hint: str = "") -> DataError:
     """The one-line error for files that are not there: the folder looked in, the layout expected, what to do."""
-    layout = DATASETS[request.name].files
+    layout = (SHIFT_SETS.get(request.name) or DATASETS[request.name]).files
     how = f"download failed ({download_error}); " if download_error else ""
     fix = hint or ("put the files there or pass --data-dir DIR" if request.download or download_error else
                    "put the files there, pass --data-dir DIR, or allow the download")
@@ -237,7 +243,8 @@ def _catalog_source(name: str, train: Dataset, targets: np.ndarray, test: Datase
 
 
 def _torchvision_download(request: DataRequest, make: Callable[[], Any], folder: Path) -> None:
-    """Run a torchvision download; DataError naming `folder` when it fails."""
+    """Run a torchvision download (a dataset class's, or `download_url`); DataError naming `folder` when it
+    fails."""
     try:
         make()
     except Exception as exc:  # noqa: BLE001 - no network, a broken mirror, a bad archive
@@ -428,6 +435,73 @@ def load_stl10(request: DataRequest) -> Source:
     classes = names_file.read_text().split() if names_file.is_file() else STL10_CLASSES
     train = split("train")
     return _catalog_source("stl10", train, train.targets, split("test"), classes)
+
+
+# ---------------------------------------------------------------- test-only sets (dataset shift)
+def _download_files(request: DataRequest, base_url: str, names: Sequence[str], folder: Path) -> None:
+    """Download each of `names` missing from `folder` (`base_url` + name), each whole or not at all."""
+    from torchvision.datasets.utils import download_url
+
+    def fetch() -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if not (folder / name).is_file():
+                download_url(base_url + name, str(folder), filename=f".{name}.part")
+                os.replace(folder / f".{name}.part", folder / name)
+
+    _torchvision_download(request, fetch, folder)
+
+
+def _read_npy(request: DataRequest, path: Path) -> np.ndarray:
+    """A .npy file's array, read without unpickling anything; DataError naming the file when unreadable."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise DataError(f"dataset={request.name}: {path} is not a readable .npy array ({reason})") from None
+
+
+def load_cifar10_1(request: DataRequest) -> TensorImages:
+    """CIFAR-10.1 v6, a test-only set in CIFAR-10's classes: `cifar10.1_v6_data.npy` (uint8 (N, 32, 32, 3))
+    and `cifar10.1_v6_labels.npy` (ints (N,), CIFAR-10's class indices) in `ROOT/cifar10.1` (or `--data-dir`
+    itself), downloaded from the CIFAR-10.1 repository when missing and `request.download` allows it.
+
+    Returns:
+        uint8 images (N, 3, 32, 32) with their (N,) labels.
+
+    Raises:
+        DataError: files missing (one line naming where they go), or not of that shape, type or label range
+            (one line naming the file and the value).
+    """
+    target = request.root / "cifar10.1"
+    candidates = [target] + ([request.data_dir] if request.data_dir else [])
+    find = lambda: next((f for f in candidates if all((f / n).is_file() for n in CIFAR10_1_FILES)), None)  # noqa: E731
+    folder = find()
+    if folder is None and request.download:
+        _download_files(request, CIFAR10_1_URL, CIFAR10_1_FILES, target)
+        folder = find()
+    if folder is None:
+        raise files_missing(request, target)
+    data_path, labels_path = (folder / n for n in CIFAR10_1_FILES)
+    images, labels = _read_npy(request, data_path), _read_npy(request, labels_path)
+    side = SHIFT_SETS[request.name].native_size
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (side, side, 3):
+        raise DataError(f"dataset={request.name}: {data_path} holds {images.dtype} images of shape {images.shape} "
+                        f"(expected uint8 (N, {side}, {side}, 3))")
+    if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
+        raise DataError(f"dataset={request.name}: {labels_path} holds {labels.dtype} labels of shape "
+                        f"{labels.shape} (expected integers of shape ({len(images)},), one per image)")
+    trained_on = SHIFT_SETS[request.name].trained_on
+    num_classes = DATASETS[trained_on].num_classes
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise DataError(f"dataset={request.name}: {labels_path} holds label {int(bad[0])} "
+                        f"(expected 0..{num_classes - 1}, the class indices of {trained_on})")
+    chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
+    return TensorImages(torch.from_numpy(chw), labels.astype(np.int64))
+
+
+SHIFT_LOADERS: dict[str, Callable[[DataRequest], TensorImages]] = {"cifar10.1": load_cifar10_1}
 
 
 # ---------------------------------------------------------------- folders of image files

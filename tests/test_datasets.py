@@ -16,8 +16,8 @@ import pytest
 import torch
 import torchvision
 
-from lightning_modules.catalog import DATASETS, parse_torchvision_name
-from lightning_modules.datasets import (LOADERS, DataError, DataRequest, FileImages, TensorImages,
+from lightning_modules.catalog import DATASETS, SHIFT_SETS, parse_torchvision_name
+from lightning_modules.datasets import (LOADERS, SHIFT_LOADERS, DataError, DataRequest, FileImages, TensorImages,
                                         TorchvisionImages, load_source)
 
 torch.set_num_threads(1)
@@ -54,6 +54,15 @@ def test_every_catalog_dataset_has_a_loader_and_every_loader_a_catalog_entry() -
     for name, info in DATASETS.items():
         assert len(info.mean) == len(info.std) == info.in_chans, name
         assert (info.files == "") == (name in GENERATED), name
+
+
+def test_every_shift_set_has_a_loader_and_no_spec_can_train_on_one() -> None:
+    assert set(SHIFT_LOADERS) == set(SHIFT_SETS)
+    assert not set(SHIFT_SETS) & set(DATASETS)  # test-only sets: not a dataset a spec may name
+    for name, info in SHIFT_SETS.items():
+        assert info.trained_on in DATASETS and info.files.startswith(name), name
+        with pytest.raises(DataError, match=rf"^invalid dataset={name!r}"):
+            load_source(DataRequest(name))
 
 
 def test_torchvision_names_follow_one_rule() -> None:
