@@ -5,8 +5,8 @@ batch, precision) a few training steps of the runs' recipe (forward, loss,
 backward, AdamW; channels-last for CNNs, as `ImageClassifier` does) are
 timed after warm-up on random images, and a few evaluation batches; a run's
 estimate is its step budget times the step time plus its evaluations
-(validations, the test set, the training subset) times the per-image
-evaluation time. With early stopping (`patience`) a run may stop sooner, so
+(validations, the test set, the training subset, the robustness conditions)
+times the per-image evaluation time. With early stopping (`patience`) a run may stop sooner, so
 the estimate is an upper bound for those runs.
 
 The same timings settle `precision: auto` on a CPU with native bf16
@@ -95,12 +95,17 @@ def measure(spec: RunSpec, precision: str) -> StepTimes:
 
 
 def evaluated_images(spec: RunSpec) -> int:
-    """Images a run evaluates: every validation, the test set, the training subset and validation once more."""
+    """Images a run evaluates: every validation, the test set, the training subset and validation once more,
+    and with `robust_subset` each subset image under every corruption and severity, occlusion and the shuffle."""
+    from lightning_modules.corruptions import CORRUPTION_NAMES, SEVERITIES
+    from lightning_modules.robustness import OCCLUSION_FRACTIONS
+
     info = DATASETS[spec.dataset]
     n_images = spec.pretrain_size if spec.dataset == "fractaldb" else (info.n_train or 0)
     n_val = spec.val_size if spec.val_fraction <= 0 else min(spec.val_size, round(spec.val_fraction * n_images))
     n_test = info.n_test or n_val
-    return (spec.num_evals + 1) * n_val + n_test + TRAIN_EVAL_IMAGES
+    conditions = len(CORRUPTION_NAMES) * len(SEVERITIES) + len(OCCLUSION_FRACTIONS) + 1  # + 1: patch shuffle
+    return (spec.num_evals + 1) * n_val + n_test + TRAIN_EVAL_IMAGES + min(spec.robust_subset, n_test) * conditions
 
 
 def estimate_seconds(spec: RunSpec, times: StepTimes) -> float:

@@ -461,6 +461,14 @@ def test_a_broken_settled_precision_file_stops_the_sweep_with_one_line(
     assert not list((tmp_path / sweep.name).glob("*/result.json"))  # nothing trained
 
 
+def test_the_eta_counts_the_robustness_evaluation() -> None:
+    from experiments import eta
+
+    plain, robust = RunSpec.create("cpu", model="resnet50"), RunSpec.create("cpu", model="resnet50", robust_subset=200)
+    # 200 subset images x (15 corruptions x 5 severities + 9 occlusion fractions, 0 % included, + patch shuffle)
+    assert eta.evaluated_images(robust) - eta.evaluated_images(plain) == 200 * 85
+
+
 def test_the_eta_line_names_each_architecture_variant_it_timed() -> None:
     from experiments import eta
 
