@@ -262,10 +262,11 @@ def test_quick_runs_end_to_end(tmp_path: Path) -> None:
 
 def test_a_later_run_replaces_what_it_measured_again_and_keeps_the_rest(tmp_path: Path) -> None:
     """`make bench --only timm` after a full run: the timm rows are the new ones, the main rows stay."""
-    first = bench.run(options(out_dir=tmp_path, comparisons=("main", "timm")), out=io.StringIO())
+    # one precision for both runs: `auto` may time differently from one run to the next on a native-bf16 CPU
+    first = bench.run(options(out_dir=tmp_path, comparisons=("main", "timm"), precision="32-true"), out=io.StringIO())
     before = bench.read_csv(first.csv_path)
     time.sleep(1.1)  # the timestamps have whole seconds
-    second = bench.run(options(out_dir=tmp_path, comparisons=("timm",)), out=io.StringIO())
+    second = bench.run(options(out_dir=tmp_path, comparisons=("timm",), precision="32-true"), out=io.StringIO())
     after = bench.read_csv(second.csv_path)
     assert [r for r in after if r["comparison"] == "main"] == [r for r in before if r["comparison"] == "main"]
     timm_rows = [r for r in after if r["comparison"] == "timm"]

@@ -27,7 +27,7 @@ TINY = dict(dataset="synthetic", min_steps=6, max_steps=6, num_evals=2, val_size
             precision="32-true")
 # every key of the contract that a completed first attempt from scratch has (the others: an error, a resume,
 # the robustness evaluation, the pretraining run's facts)
-COMPLETED_KEYS = (set(schema.FIELDS) - {"error", "resumed_at_step", "robustness", "upstream_val_acc1",
+COMPLETED_KEYS = (set(schema.FIELDS) - {"error", "resumed_at_step", "robustness", "shift", "upstream_val_acc1",
                                         "upstream_improving_at_end"}) | set(schema.SECTIONS)
 
 
