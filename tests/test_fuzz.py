@@ -54,7 +54,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model": tuple(MODELS), "dataset": tuple(DATASETS), "profile": tuple(PROFILES),
     "pretraining": (*PRETRAINING_SOURCES, *DATASETS), "augment": AUGMENTS, "precision": PRECISIONS,
     "wandb": WANDB_MODES}
-SWITCHES = ("channels_last", "fused_attention", "compile", "resident")  # the fast-path switches
+BOOLEANS = ("channels_last", "fused_attention", "compile", "resident", "shift_eval")  # the fast-path switches, ...
 BOOLEAN_WORDS = {"true", "false", "auto", "yes", "no", "on", "off", "1", "0", "y", "n"}
 BOUNDS = {"img_size": (8, 1024), "seed": (0, 2**32 - 1)}  # the integers with an upper bound too
 
@@ -98,7 +98,7 @@ def invalid_values(name: str) -> st.SearchStrategy[Any]:
                                          min_size=1), st.just({"num_classes": 3}), st.just({"pretrained": True}))
     if name in ("data_dir", "weights_file"):
         return st.one_of(st.integers(), st.booleans(), st.floats(), containers)
-    if name in SWITCHES:  # true | false (resident: or auto); words a flag or YAML reads as a boolean are fine
+    if name in BOOLEANS:  # true | false (resident: or auto); words a flag or YAML reads as a boolean are fine
         words = st.text(max_size=20).filter(lambda s: s.strip().lower() not in BOOLEAN_WORDS)
         return st.one_of(words, st.integers(), st.floats(), st.none(), containers)
     raise AssertionError(f"no invalid values for {name}")
