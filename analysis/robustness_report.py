@@ -27,13 +27,11 @@ per-image arrays (`robustness.npz`, `predictions.npz`, `shift.npz`), labelled so
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib as mpl
@@ -48,7 +46,7 @@ from analysis.estimates import Estimate, ImageSample
 from analysis.figure_kit import RunsDirFigure, cell_title, legend_below, model_colors, panels
 from analysis.outputs import (REFERENCE_CNN, NoData, condition_key, condition_label, fraction_label,
                               models_in_order)
-from analysis.run_files import PREDICTIONS, ROBUSTNESS, RunArrays, bind_runs_dir, run_dir
+from analysis.run_files import PREDICTIONS, ROBUSTNESS, SHIFT, RunArrays, bind_runs_dir
 from analysis.tables import Cell, Table
 
 CELL_KEYS = ["dataset", "pretraining", "pretrain_size", "train_fraction"]
@@ -61,11 +59,8 @@ MEAN_CORRUPTION = "corrupt/mean_acc1"
 RELATIVE_CE = "corrupt/relative_ce"  # added per run by `with_derived_columns`, in %
 SHUFFLE = "shuffle/acc1"
 TEMPERATURE = "calib/temperature"
-SHIFT_FILE = "shift.npz"  # per set: <set>_correct, <set>_target, <set>_index (experiments.generalization)
 # shifted set -> CIFAR-10's set under the same rule; "shift/<shifted>/drop" (added per run) = acc(ref) − acc(shifted)
 SHIFT_PAIRS = {"cifar10.1": "cifar10", "stl10_shared": "cifar10_shared"}
-
-log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------- columns
@@ -236,7 +231,6 @@ class CellRuns:
     runs: pd.DataFrame
     files: RunArrays
     reference: str | None
-    shift_files: dict[str, dict[str, np.ndarray] | None] = field(default_factory=dict)
 
     def of(self, model: str, column: str) -> pd.DataFrame:
         """The model's runs with a finite `column`, by seed."""
@@ -302,20 +296,13 @@ class CellRuns:
         rob = self.files.get(run, ROBUSTNESS)
         return None if rob is None else estimates.accuracy_sample(_subset_images(rob), rob["shuffle_correct"])
 
-    def shift_arrays(self, run: pd.Series) -> dict[str, np.ndarray] | None:
-        """The run's shift.npz (the name its result.json gives), read once; None when missing or unreadable."""
-        key = str(run["run_id"])
-        if key not in self.shift_files:
-            self.shift_files[key] = load_shift(self.files.runs_dir, run)
-        return self.shift_files[key]
-
     def shift(self, run: pd.Series, sets: tuple[str, ...]) -> ImageSample | None:
         """Accuracy on one shift set, or for (reference, shifted) the drop acc(reference) − acc(shifted), per image.
 
         A drop's two sets are different images: its sample pools them, and a resample's statistic is the
         difference of the means of the images it drew from each (a bootstrap over the pooled images).
         """
-        arrays = self.shift_arrays(run)
+        arrays = self.files.get(run, SHIFT)
         if arrays is None or any(f"{s}_correct" not in arrays for s in sets):
             return None
         images = estimates.fingerprint("shift:" + "+".join(sets), np.concatenate(
@@ -345,24 +332,6 @@ class CellRuns:
                            lambda idx: expected_calibration_error(confidence[idx], correct[idx]))
 
 
-def load_shift(runs_dir: Path | str, run: pd.Series) -> dict[str, np.ndarray] | None:
-    """A run's shift.npz, or None when it is missing, unreadable or lacks a listed set's arrays (one warning)."""
-    given = run.get("shift")
-    path = run_dir(runs_dir, run) / (given if isinstance(given, str) and given else SHIFT_FILE)
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        log.warning("skipping %s: unreadable (%s)", path, " ".join(str(err).split()))
-        return None
-    missing = [f"{name}_{what}" for name in arrays.get("sets", np.array([], dtype=str)).tolist()
-               for what in ("correct", "target", "index") if f"{name}_{what}" not in arrays]
-    if "sets" not in arrays or missing:
-        log.warning("skipping %s: missing %s", path, ", ".join(missing or ["sets"]))
-        return None
-    return arrays
 
 
 def chosen_cells(runs: pd.DataFrame, runs_dir: Path | str, columns: list[str], fraction: float | None = None,

@@ -1,4 +1,4 @@
-"""A run's array files (`predictions.npz`, `robustness.npz`, `explain.npz`), read without torch.
+"""A run's array files (`predictions.npz`, `robustness.npz`, `explain.npz`, `shift.npz`), read without torch.
 
 The runs frame (`analysis.collect`) holds each run's `path` (its
 `result.json`, relative to the runs folder); the array files sit next to it.
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.npz"
 ROBUSTNESS = "robustness.npz"
 EXPLAIN = "explain.npz"
+SHIFT = "shift.npz"  # per set of `sets`: <set>_correct, <set>_target, <set>_index (experiments.generalization)
 # The keys each file must have to be used.
 REQUIRED: dict[str, tuple[str, ...]] = {
     PREDICTIONS: ("test_target", "test_pred", "test_logits"),
@@ -31,10 +32,12 @@ REQUIRED: dict[str, tuple[str, ...]] = {
                  "shuffle_correct"),
     EXPLAIN: ("arch", "images", "predictions", "gradcam", "gradcam_layer", "erf_layers", "erf_relative_depth",
               "erf_mean_distance_px"),
+    SHIFT: ("sets",),
 }
 VIT_EXPLAIN = ("rollout", "attention_distance_px", "attention_relative_depth")  # required of a ViT's explain.npz
-# result.json names its predictions and robustness files in these fields (the default names otherwise).
-FILE_FIELDS = {PREDICTIONS: "predictions", ROBUSTNESS: "robustness"}
+SHIFT_ARRAYS = ("correct", "target", "index")  # required of each set a shift.npz lists
+# result.json names its predictions, robustness and shift files in these fields (the default names otherwise).
+FILE_FIELDS = {PREDICTIONS: "predictions", ROBUSTNESS: "robustness", SHIFT: "shift"}
 
 Arrays = dict[str, np.ndarray]
 Made = TypeVar("Made")
@@ -58,7 +61,7 @@ def load(runs_dir: Path | str, run: pd.Series, name: str) -> Arrays | None:
     Args:
         runs_dir: the runs folder the frame was collected from.
         run: a row of the runs frame.
-        name: PREDICTIONS, ROBUSTNESS or EXPLAIN.
+        name: PREDICTIONS, ROBUSTNESS, EXPLAIN or SHIFT.
     """
     path = file_of(runs_dir, run, name)
     if not path.is_file():
@@ -69,12 +72,22 @@ def load(runs_dir: Path | str, run: pd.Series, name: str) -> Arrays | None:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         log.warning("skipping %s: unreadable (%s)", path, " ".join(str(err).split()))
         return None
-    required = REQUIRED[name] + (VIT_EXPLAIN if name == EXPLAIN and str(arrays.get("arch", "")) == "vit" else ())
-    missing = [key for key in required if key not in arrays]
+    missing = [key for key in required_keys(name, arrays) if key not in arrays]
     if missing:
         log.warning("skipping %s: missing %s", path, ", ".join(missing))
         return None
     return arrays
+
+
+def required_keys(name: str, arrays: Arrays) -> tuple[str, ...]:
+    """The keys `arrays`, read from the file `name`, must have: REQUIRED, plus a ViT's explain arrays and each
+    listed shift set's arrays."""
+    if name == EXPLAIN and str(arrays.get("arch", "")) == "vit":
+        return REQUIRED[name] + VIT_EXPLAIN
+    if name == SHIFT:
+        sets = arrays["sets"].tolist() if "sets" in arrays else []
+        return REQUIRED[name] + tuple(f"{s}_{what}" for s in sets for what in SHIFT_ARRAYS)
+    return REQUIRED[name]
 
 
 class RunArrays:
