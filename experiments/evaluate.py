@@ -95,6 +95,7 @@ def _shift_done(result: dict[str, Any], found: Iterable[str]) -> bool:
 def evaluate_run(rundir: RunDir, robust_subset: int | None, force: bool, download_shift: bool = False) -> str:
     """Evaluate one run and merge its metrics into result.json; returns what was done, in a few words."""
     from experiments import generalization
+    from lightning_modules.shift import COMPARISONS
 
     with rundir.lock():
         spec, result, datamodule, net, precision = load_trained(rundir)
@@ -107,12 +108,13 @@ def evaluate_run(rundir: RunDir, robust_subset: int | None, force: bool, downloa
                                       **generalization.robustness(net, datamodule, subset, precision, rundir)})
             record["robustness"] = rundir.robustness.name
             done.append(f"{subset} test images under corruption, occlusion and shuffle")
-        found = generalization.shift_sets(datamodule, download_shift)
+        complete = not force and _shift_done(result, COMPARISONS)  # every set there: nothing to load or add
+        found = {} if complete else generalization.shift_sets(datamodule, download_shift)
         if found and (force or not _shift_done(result, found)):
             shifted = generalization.dataset_shift(net, datamodule, found, precision, rundir)
             record["metrics"] = {**{k: v for k, v in record["metrics"].items() if not k.startswith("shift/")},
                                  **shifted}
-            record["shift"] = generalization.SHIFT_FILE
+            record["shift"] = rundir.shift.name
             done.append(f"dataset shift on {' and '.join(found)}")
         if not done:
             return "already evaluated"

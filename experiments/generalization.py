@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from lightning_modules.shift import Labelled
 
 EVALUATION_SEED = 0  # one subset, one set of corruptions, masks and permutations for every run
-SHIFT_FILE = "shift.npz"  # beside result.json, which names it in its `shift` field
 SHIFT_TRAINED_ON = "cifar10"
 
 
@@ -198,5 +197,5 @@ def dataset_shift(net: nn.Module, datamodule: ImageDataModule, sets: Mapping[str
     for name in result.correct:
         arrays.update({f"{name}_correct": result.correct[name], f"{name}_target": result.targets[name].astype(np.int64),
                        f"{name}_index": result.rows[name].astype(np.int64)})
-    save_npz(rundir.path / SHIFT_FILE, arrays)
+    save_npz(rundir.shift, arrays)
     return result.metrics

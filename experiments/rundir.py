@@ -11,6 +11,7 @@
                       predictions.npz  the selected checkpoint's test and validation logits and targets
                       robustness.npz   per-image correctness under corruption, occlusion and patch shuffle
                       explain.npz      attention rollout, attention distance, ERF, Grad-CAM (experiments.explain)
+                      shift.npz        per-image correctness on CIFAR-10 and its shifted test sets
                       train.log    a sweep worker's output
 
 Torch-free: the sweep runner reads states with it in milliseconds.
@@ -116,6 +117,10 @@ class RunDir:
     @property
     def explain(self) -> Path:
         return self.path / "explain.npz"
+
+    @property
+    def shift(self) -> Path:
+        return self.path / "shift.npz"
 
     @property
     def worker_log(self) -> Path:

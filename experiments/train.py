@@ -318,13 +318,13 @@ def precision_choice(spec: RunSpec) -> Choice:
         ValueError: `auto` that timing would settle, for a run of several processes.
     """
     from experiments import eta
-    from experiments.precision import TIMED, check_timeable, detect, resolve, settled_by_timing, timed_choice
+    from experiments.precision import TIMED, check_timeable, detect, rule_choice, settled_by_timing, timed_choice
 
     hardware = detect()
     check_timeable(spec.precision, hardware, spec.devices)
     if settled_by_timing(spec.precision, hardware):
         return timed_choice(hardware, eta.time_precisions([spec], TIMED)[0])
-    return Choice(resolve(spec.precision, hardware), hardware.describe())
+    return rule_choice(spec.precision, hardware)
 
 
 def train(prepared: Prepared, rundir: RunDir, upstream_dir: RunDir | None,
@@ -525,7 +525,7 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
                                                    precision, rundir)
             if shifted:
                 metrics.update(shifted)
-                out["shift"] = generalization.SHIFT_FILE
+                out["shift"] = rundir.shift.name
         if spec.role == "pretrain":
             state = built.module.net.state_dict()
             atomic_write(rundir.model_pt, lambda fh: torch.save(state, fh))

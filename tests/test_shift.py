@@ -212,7 +212,7 @@ def test_a_net_with_known_answers_scores_exactly_on_every_set(data_root: Path, t
         "shift/cifar10/acc1": 16 / 20, "shift/cifar10/n": 20, "shift/cifar10.1/acc1": 8 / 10, "shift/cifar10.1/n": 10,
         "shift/cifar10_shared/acc1": 14 / 18, "shift/cifar10_shared/n": 18,  # frog's two images left out
         "shift/stl10_shared/acc1": 8 / 9, "shift/stl10_shared/n": 9})  # monkey left out; horse right (frog masked)
-    with np.load(rundir.path / generalization.SHIFT_FILE, allow_pickle=False) as saved:
+    with np.load(rundir.shift, allow_pickle=False) as saved:
         assert saved["sets"].tolist() == ["cifar10", "cifar10.1", "cifar10_shared", "stl10_shared"]
         assert saved["stl10_shared_target"].tolist() == [0, 2, 1, 3, 4, 5, 7, 8, 9]  # STL labels as CIFAR indices
         assert saved["stl10_shared_index"].tolist() == [0, 1, 2, 3, 4, 5, 6, 8, 9]
@@ -229,7 +229,7 @@ def test_missing_sets_are_skipped_with_one_line_each_and_record_nothing(data_roo
         assert "\n" not in line and str(data_root / folder) in line and "--download-shift" in line
     rundir = RunDir(tmp_path / "run")
     assert generalization.dataset_shift(LevelNet(), module, {}, "32-true", rundir) == {}
-    assert not (rundir.path / generalization.SHIFT_FILE).exists()
+    assert not rundir.shift.exists()
 
 
 def test_shift_does_not_apply_to_a_run_not_trained_on_cifar10() -> None:
