@@ -332,8 +332,6 @@ class CellRuns:
                            lambda idx: expected_calibration_error(confidence[idx], correct[idx]))
 
 
-
-
 def chosen_cells(runs: pd.DataFrame, runs_dir: Path | str, columns: list[str], fraction: float | None = None,
                  reference: str = REFERENCE_CNN) -> list[CellRuns]:
     """Per dataset and pretraining, the cell at `fraction` (default: the largest with any of `columns`).

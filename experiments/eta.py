@@ -10,7 +10,8 @@ times the per-image evaluation time. With early stopping (`patience`) a run may 
 the estimate is an upper bound for those runs.
 
 The same timings settle `precision: auto` on a CPU with native bf16
-(`time_precisions`): the runs' estimate in bf16 and in fp32, the faster wins.
+(`time_precisions`): the runs' estimate in bf16 and in fp32, compared by
+`experiments.precision.resolve`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ bf16 autocast on a CPU without native bf16 (AVX2 only: no AVX-512 BF16, no
 AMX) is emulated and many times slower than fp32 (benchmarks/RESULTS.md), so
 `auto` resolves to "32-true" there and to "bf16-mixed" on a CUDA GPU with
 bf16 (Ampere and newer). A CPU with native bf16 (AVX-512 BF16 or AMX on x86,
-the BF16 extension on Arm) can still train slower in bf16 than in fp32 (a
-2-core Xeon with AMX: 1.5x slower, benchmarks/RESULTS.md), so there `auto`
+the BF16 extension on Arm) can still run a sweep slower in bf16 than in fp32
+(measured on a 2-core Xeon with AMX: benchmarks/RESULTS.md), so there `auto`
 is settled by timing: a few training steps and evaluation batches of the
 runs' own nets in both precisions (`experiments.eta.time_precisions`), and
 bf16 is chosen only when its estimate is at least `BF16_MARGIN` faster than
@@ -69,7 +69,7 @@ class Choice:
     estimated_s: dict[str, float] = field(default_factory=dict, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "estimated_s": dict(self.estimated_s)}
+        return asdict(self)
 
 
 def cpuinfo_value(*keys: str) -> str | None:
@@ -159,6 +159,11 @@ def resolve(requested: str, hardware: Hardware, estimated_s: Mapping[str, float]
         raise ValueError(f"invalid estimated_s={dict(estimated_s or {})!r} (allowed: seconds for each of "
                          f"{' and '.join(TIMED)}: `auto` on a CPU with native bf16 is settled by timing)")
     return "bf16-mixed" if estimated_s["bf16-mixed"] <= (1 - BF16_MARGIN) * estimated_s["32-true"] else "32-true"
+
+
+def rule_choice(requested: str, hardware: Hardware) -> Choice:
+    """`requested` resolved where no timing is needed (anything but `auto` on a CPU with native bf16)."""
+    return Choice(resolve(requested, hardware), hardware.describe())
 
 
 def timed_choice(hardware: Hardware, estimated_s: Mapping[str, float]) -> Choice:

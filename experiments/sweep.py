@@ -647,18 +647,16 @@ class LocalRunner:
         timing this sweep's nets in both precisions, and kept in `runs/SWEEP/precision.json`, so that a resumed
         sweep goes on in the precision its finished runs used."""
         from experiments import eta
-        from experiments.precision import TIMED, check_timeable, load_settled, resolve, settled_by_timing, timed_choice
+        from experiments.precision import (TIMED, check_timeable, load_settled, rule_choice, settled_by_timing,
+                                           timed_choice)
 
         timed = [spec for spec in queue if settled_by_timing(spec.precision, self.hardware)]
         settled = None
         if timed:
+            path = self.runs_dir / self.sweep.name / SETTLED_FILE
             try:
                 for spec in timed:
                     check_timeable(spec.precision, self.hardware, spec.devices)
-            except ValueError as exc:
-                raise SweepError(str(exc)) from None
-            path = self.runs_dir / self.sweep.name / SETTLED_FILE
-            try:
                 settled = load_settled(path, self.hardware)
             except ValueError as exc:
                 raise SweepError(str(exc)) from None
@@ -670,7 +668,7 @@ class LocalRunner:
                 files.write_json(path, settled.to_dict())
         for spec in queue:
             self.precision[spec.run_id] = (settled if settled_by_timing(spec.precision, self.hardware) else
-                                           Choice(resolve(spec.precision, self.hardware), self.hardware.describe()))
+                                           rule_choice(spec.precision, self.hardware))
 
     def _drain(self, queue: list[RunSpec]) -> None:
         while self.bad_input is None and (queue or self.deferred or self.running):

@@ -475,7 +475,10 @@ def load_cifar10_1(request: DataRequest) -> TensorImages:
     """
     target = request.root / "cifar10.1"
     candidates = [target] + ([request.data_dir] if request.data_dir else [])
-    find = lambda: next((f for f in candidates if all((f / n).is_file() for n in CIFAR10_1_FILES)), None)  # noqa: E731
+
+    def find() -> Path | None:
+        return next((f for f in candidates if all((f / n).is_file() for n in CIFAR10_1_FILES)), None)
+
     folder = find()
     if folder is None and request.download:
         _download_files(request, CIFAR10_1_URL, CIFAR10_1_FILES, target)

@@ -215,7 +215,6 @@ def test_precision_is_recorded_as_requested_and_resolved(finished: tuple[RunSpec
     assert result["hardware"].startswith("cpu: ")
 
 
-
 @pytest.mark.parametrize("flags, bf16_step_s, expected", [
     ({"avx2"}, None, "32-true"),  # no native bf16: fp32 by rule, nothing timed
     ({"amx_bf16"}, 0.5, "bf16-mixed"),  # native and faster
