@@ -117,13 +117,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class BestAndLastCheckpoint(ModelCheckpoint):
     """Lightning's `ModelCheckpoint` (the best checkpoint on the monitored metric), with `last.ckpt` written at
-    every validation, whether or not the best one changed.
+    every validation, whether or not the best one changed, and the best checkpoint holding the weights only.
+
+    `last.ckpt` is the whole training state a run resumes from; the best one is only ever read for its weights
+    (the test, `experiments.evaluate`, the W&B artifact), so it leaves out the optimizer's state: AdamW's two
+    moments would triple its size.
 
     Since Lightning 2.6, `save_last=True` writes `last.ckpt` only at a step where a top-k checkpoint was saved: a
     run whose validation accuracy did not improve kept an old `last.ckpt`, so that a killed or preempted run
     redid every step since its last improvement (and a run killed after its fit, training it all again from
     there). Here it is written after the top-k one, so that it holds this validation's best-checkpoint state.
     """
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        resume_state = Path(filepath).name == self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+        self.save_weights_only = not resume_state  # what Lightning's _save_checkpoint passes on
+        super()._save_checkpoint(trainer, filepath)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         skip = self._should_skip_saving_checkpoint(trainer)  # before: saving sets the step it checks

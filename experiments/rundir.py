@@ -4,7 +4,8 @@
     runs/SWEEP/RUN_ID/spec.json    the RunSpec (enough to rerun it)
                       result.json  written last, atomically, checked against common.schema
                       metrics.csv  the attempts' CSV logs merged, one row per logged event
-                      checkpoints/{best,last}.ckpt
+                      checkpoints/best.ckpt   the selected checkpoint's weights
+                      checkpoints/last.ckpt   the state to resume from (deleted when the run completes)
                       logs/attemptN.json, logs/attemptN/metrics.csv   one per start of the run
                       error.log    the traceback of a failed run
                       model.pt     the net's weights (pretraining runs: what fine-tuning loads)

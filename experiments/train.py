@@ -490,8 +490,8 @@ def fit_and_test(spec: RunSpec, built: Built, datamodule: ImageDataModule, rundi
     with preemption:  # SLURM's pre-timeout signal: last.ckpt at the current step, then submitit requeues
         trainer.fit(built.module, datamodule=datamodule, ckpt_path=str(rundir.last_ckpt) if resume else None,
                     weights_only=True if resume else None)
-    # read before trainer.test(): it restores callback state from best.ckpt; under DDP each rank has the loss of
-    # its equal share of the last global batch, whose loss is their mean
+    # the training loss at the last step: under DDP each rank has the loss of its equal share of the last
+    # global batch, whose loss is their mean
     last_loss = torch.as_tensor(clock.loss, device=trainer.strategy.root_device)
     train_loss = float(trainer.strategy.reduce(last_loss, reduce_op="mean"))
     seen, train_seconds, steps_done = clock.images, clock.seconds, trainer.global_step
@@ -569,7 +569,8 @@ def write_predictions(rundir: RunDir, kept: dict[str, tuple[Any, Any]]) -> None:
 
 
 def record_result(record: dict[str, Any], rundir: RunDir, started: datetime, logger_wandb: Any) -> dict[str, Any]:
-    """Stamp where and when the run ran; on rank 0, merge the metrics, close W&B and write result.json (last)."""
+    """Stamp where and when the run ran; on rank 0, merge the metrics, close W&B and write result.json (last);
+    a completed run's `last.ckpt` (the state to resume from) is deleted then, its `best.ckpt` kept."""
     record.update(versions=versions(), git_commit=git_commit(), hostname=socket.gethostname(), pid=os.getpid(),
                   started_at=started.isoformat(timespec="seconds"),
                   finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -578,6 +579,8 @@ def record_result(record: dict[str, Any], rundir: RunDir, started: datetime, log
     rundir.merge_metrics()
     tracking.finish(logger_wandb, record, rundir)
     rundir.write_result(record)
+    if record["status"] == "completed":  # a completed run is never resumed: its training state is dead weight
+        rundir.last_ckpt.unlink(missing_ok=True)
     return record
 
 

@@ -54,7 +54,11 @@ def test_result_json_follows_the_contract(finished: tuple[RunSpec, dict, Path]) 
                       "test/nll_ts", "test/ece_ts", "calib/temperature", "calib/val_nll", "calib/val_nll_ts"}
     assert all(0 <= m[k] <= 1 for k in ("test/acc1", "test/acc5", "test/ece", "train/acc1"))
     assert on_disk["train_steps"] == 6 and on_disk["train_images_seen"] == 6 * 32
-    assert rundir.best_ckpt.is_file() and rundir.last_ckpt.is_file()
+
+    # the selected checkpoint holds the weights only; the training state to resume from is gone once completed
+    best = torch.load(rundir.best_ckpt, map_location="cpu", weights_only=True)
+    assert "optimizer_states" not in best and best["state_dict"]
+    assert not rundir.last_ckpt.exists()
 
 
 def test_selection_is_on_validation(finished: tuple[RunSpec, dict, Path]) -> None:
