@@ -1,7 +1,7 @@
 """How long a sweep will take, from step times measured on this machine before it starts.
 
-For each distinct net of a sweep (model, architecture, image size, channels,
-batch, precision) a few training steps of the runs' recipe (forward, loss,
+For each distinct net of a sweep (model, the architecture choices that change
+its compute, image size, channels, batch, precision) a few training steps of the runs' recipe (forward, loss,
 backward, AdamW; channels-last for CNNs, as `ImageClassifier` does) are
 timed after warm-up on random images, and a few evaluation batches; a run's
 estimate is its step budget times the step time plus its evaluations
@@ -37,14 +37,21 @@ class StepTimes:
     eval_image_s: float
 
 
+# ViT choices that leave its compute as it is, to within the class token (one token of 50 at patch 4 on 28 px):
+# the ablations sweep's position-embedding and pooling variants share one timing
+SAME_COMPUTE = frozenset({"pos_embed", "pool", "class_token"})
+
+
 def net_key(spec: RunSpec, precision: str) -> tuple:
-    """What determines a run's speed: the net, its input, the batch and the precision."""
-    return (spec.model, tuple(sorted(spec.net_overrides.items())), spec.img_size, spec.net_in_chans,
-            spec.batch_size // spec.devices, precision)
+    """What determines a run's speed: the net with the overrides that change its compute (patch size, width,
+    depth...; not `SAME_COMPUTE`), its input, the batch and the precision."""
+    shape = tuple(sorted((name, value) for name, value in spec.net_overrides.items() if name not in SAME_COMPUTE))
+    return spec.model, shape, spec.img_size, spec.net_in_chans, spec.batch_size // spec.devices, precision
 
 
 def net_label(key: tuple) -> str:
-    """A `net_key` as the sweep prints it: the model with its architecture overrides, e.g. `vit_tiny_p4(pool=avg)`."""
+    """A `net_key` as the sweep prints it: the model with the overrides that change its compute, e.g.
+    `vit_tiny_p4(patch_size=7)`."""
     model, overrides = key[0], key[1]
     return f"{model}({', '.join(f'{name}={value}' for name, value in overrides)})" if overrides else model
 

@@ -469,12 +469,20 @@ def test_the_eta_counts_the_robustness_evaluation() -> None:
     assert eta.evaluated_images(robust) - eta.evaluated_images(plain) == 200 * 85
 
 
-def test_the_eta_line_names_each_architecture_variant_it_timed() -> None:
+def test_variants_of_one_compute_are_timed_once_and_others_each_and_named() -> None:
     from experiments import eta
 
-    base, avg = RunSpec.create("cpu", model="vit_tiny_p4"), RunSpec.create("cpu", model="vit_tiny_p4", pool="avg")
-    labels = {eta.net_label(eta.net_key(spec, "32-true")) for spec in (base, avg)}
-    assert labels == {"vit_tiny_p4", "vit_tiny_p4(pool=avg)"}
+    variants = [RunSpec.create("cpu", model="vit_tiny_p4", **kw)
+                for kw in ({}, {"pool": "avg"}, {"pos_embed": "none", "pool": "avg", "class_token": False},
+                           {"pos_embed": "sincos2d"}, {"patch_size": 7})]
+    labels = {eta.net_label(eta.net_key(spec, "32-true")) for spec in variants}
+    assert labels == {"vit_tiny_p4", "vit_tiny_p4(patch_size=7)"}
+    # what shares a timing shares its compute: FLOPs per image within one token's share
+    from lightning_modules.models import build_model, flops_per_image
+
+    flops = [flops_per_image(build_model(s.model, 10, 1, s.img_size, overrides=s.net_overrides), 1, s.img_size)
+             for s in variants[:4]]
+    assert max(flops) / min(flops) < 1 + 1.5 / 49
 
 
 # ------------------------------------------------------------------ portability
