@@ -86,8 +86,46 @@ class Collection:
 
     @property
     def expected_runs(self) -> pd.DataFrame | None:
-        """The runs the plan expects (`SweepPlan.runs`), or None when they are unknown."""
-        return None if self.plan is None else self.plan.runs
+        """The runs the plan expects (`SweepPlan.runs`) with their pretraining sizes as the runs record them
+        (`recorded_sizes`), or None when they are unknown."""
+        return None if self.plan is None else recorded_sizes(self.plan.runs, self.runs)
+
+
+def recorded_sizes(plan: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """`plan` with each fine-tuning run's pretraining size as a finished run records it, so that the cells of a
+    partly finished sweep's missing runs are the cells of its finished ones.
+
+    The plan holds the size asked for (a FractalDB spec's `pretrain_size`, none for another dataset); a result
+    holds the images its upstream run trained on (that run's `n_train`: FractalDB's per-category split into
+    training, validation and test rounds 12,800 asked to 12,784). A planned run takes its upstream's
+    `n_train` when that run has finished, else the size that the finished runs planned with the same
+    pretraining and size record when they agree on one, else the plan's size.
+    """
+    if plan.empty or runs.empty:
+        return plan
+    done = runs[runs["status"] == "completed"]
+    upstream_images = {run_id: n for run_id, n, role in zip(done["run_id"], done["n_train"], done["role"])
+                       if role == "pretrain" and not pd.isna(n)}
+
+    def asked(pretraining: str, size: Any) -> tuple[str, int | None]:
+        return pretraining, None if pd.isna(size) else int(size)
+
+    planned = {run_id: asked(p, size) for run_id, p, size in zip(plan["run_id"], plan["pretraining"],
+                                                                  plan["pretrain_size"])}
+    agreed: dict[tuple[str, int | None], set[int]] = {}
+    for run_id, size in zip(done["run_id"], done["pretrain_size"]):
+        if run_id in planned and not pd.isna(size):
+            agreed.setdefault(planned[run_id], set()).add(int(size))
+    sizes = []
+    for pretraining, size, upstream in zip(plan["pretraining"], plan["pretrain_size"], plan["upstream"]):
+        recorded = agreed.get(asked(pretraining, size), set())
+        if pretraining in UNSIZED_PRETRAINING:
+            sizes.append(size)
+        elif upstream in upstream_images:
+            sizes.append(upstream_images[upstream])
+        else:
+            sizes.append(next(iter(recorded)) if len(recorded) == 1 else size)
+    return plan.assign(pretrain_size=pd.array(sizes, dtype="Int64"))
 
 
 # ------------------------------------------------------------------ rows

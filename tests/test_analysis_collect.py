@@ -222,3 +222,23 @@ def test_a_missing_or_malformed_plan_leaves_the_expected_runs_unknown(tmp_path, 
         (tmp_path / SWEEP / "sweep.json").write_text(content)
     collection = collect.collect(tmp_path, SWEEP)
     assert collection.plan is None and reason in collection.plan_note and len(collection.runs) == 1
+
+
+def test_a_partly_finished_pretraining_sweep_has_one_cell_per_condition(tmp_path):
+    """The plan asks for 12,800 FractalDB images, the finished runs record the 12,784 their upstream trained on:
+    the cells of the runs still missing are the finished runs' cells, not a second "fractaldb 12.8k" column."""
+    from analysis_fixtures import write_plan
+
+    from analysis import stats
+    upstream = [make_result("resnet50", 1.0, s, 0.99, dataset="fractaldb", role="pretrain", n_train=12_784)
+                for s in (0, 1)]
+    tuned = [make_result("resnet50", 0.1, s, 0.8, "fractaldb", 12_784, pretrained_from=upstream[s]["run_id"])
+             for s in (0, 1)]
+    write_plan(tmp_path, upstream + [{**r, "pretrain_size": 12_800} for r in tuned])
+    write_runs(tmp_path, [upstream[0], tuned[0]])  # seed 1 and its upstream run have not run yet
+    collection = collect.collect(tmp_path, SWEEP)
+    assert collection.plan.runs["pretrain_size"].dropna().tolist() == [12_800, 12_800]
+    expected = collection.expected_runs
+    assert expected.loc[expected["role"] == "train", "pretrain_size"].tolist() == [12_784, 12_784]
+    summary = stats.summarize(collection.runs, expected=expected[expected["role"] == "train"])
+    assert summary["pretrain_size"].tolist() == [12_784]
