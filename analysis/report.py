@@ -24,7 +24,7 @@ import pandas as pd
 from analysis import ablations, collect, interpret_figures, plots, robustness_report, stats, tables
 from analysis.collect import Collection
 from analysis.outputs import (condition_key, condition_label, conditions_in_order, fraction_label, models_in_order,
-                              write_outputs)
+                              si_label, write_outputs)
 from analysis.tables import Table
 from common import files
 from common.schema import PLACEMENT_FIELDS
@@ -427,6 +427,10 @@ def upstream_findings(runs: pd.DataFrame) -> Iterable[str]:
     for _, up in stats.upstream_summary(runs).iterrows():
         what = f"{up['model']} on {condition_label(up['pretraining'], up['pretrain_size'])} (run `{up['run_id']}`)"
         acc = "not recorded" if pd.isna(up["val_acc1"]) else f"{100 * up['val_acc1']:.1f}%"
+        if not pd.isna(up["train_steps"]):
+            acc += f" after {up['train_steps']:,.0f} of {up['budget_steps']:,.0f} steps"
+        if not pd.isna(up["train_flops"]):
+            acc += f" ({si_label(up['train_flops'], 'FLOPs')} of training, not counted in its fine-tuning runs' FLOPs)"
         if pd.isna(up["improving_at_end"]):
             plateau = "whether it plateaued is not recorded"
         elif up["improving_at_end"]:

@@ -443,10 +443,11 @@ def upstream_summary(runs: pd.DataFrame) -> pd.DataFrame:
         One row per upstream run_id: run_id, model, pretraining and pretrain_size
         (the source, as its fine-tuning runs name it; else the run's own dataset
         and training images), status, val_acc1, improving_at_end (pd.NA when
-        unknown), n_evals, budget_steps, n_finetuned.
+        unknown), n_evals, train_steps, budget_steps, train_flops (what pretraining cost; the fine-tuning
+        runs' own train_flops leave it out), n_finetuned.
     """
     columns = ["run_id", "model", "pretraining", "pretrain_size", "status", "val_acc1", "improving_at_end",
-               "n_evals", "budget_steps", "n_finetuned"]
+               "n_evals", "train_steps", "budget_steps", "train_flops", "n_finetuned"]
     target = targets(runs)
     children_of = target.dropna(subset=["pretrained_from"]).groupby("pretrained_from", sort=True)
     own = runs[runs["role"] == "pretrain"].set_index("run_id")
@@ -462,12 +463,13 @@ def upstream_summary(runs: pd.DataFrame) -> pd.DataFrame:
             if not len(children):
                 row.update(model=up["model"], pretraining=up["dataset"], pretrain_size=up["n_train"])
             row.update(status=up["status"], val_acc1=up.get("selected/val/acc1", math.nan),
-                       improving_at_end=up["improving_at_end"], n_evals=up["n_evals"], budget_steps=up["budget_steps"])
+                       improving_at_end=up["improving_at_end"], n_evals=up["n_evals"], train_steps=up["train_steps"],
+                       budget_steps=up["budget_steps"], train_flops=up["train_flops"])
         else:
             plateau = children["upstream_improving_at_end"].dropna()
             row.update(status="no result in this sweep", val_acc1=children["upstream_val_acc1"].dropna().max(),
                        improving_at_end=bool(plateau.any()) if len(plateau) else pd.NA, n_evals=pd.NA,
-                       budget_steps=pd.NA)
+                       train_steps=pd.NA, budget_steps=pd.NA, train_flops=pd.NA)
         rows.append(row)
     return pd.DataFrame(rows, columns=columns)
 

@@ -176,7 +176,8 @@ def test_flagged_cells_upstream_runs_and_crossovers(tmp_path):
     text = "\n".join(report.findings_section(runs) + report.protocol_section(collect.Collection(runs)))
     assert "**Cells still improving when their budget ended**: 1 of 13 (resnet50 · scratch · 100%)" in text
     assert "1 flagged size kept out" in text
-    assert (f"Upstream vit_tiny_p8 on fractaldb 12.8k (run `{up['run_id']}`): its own validation accuracy 31.0%; "
+    assert (f"Upstream vit_tiny_p8 on fractaldb 12.8k (run `{up['run_id']}`): its own validation accuracy 31.0% "
+            "after 100 of 100 steps (7.68 TFLOPs of training, not counted in its fine-tuning runs' FLOPs); "
             "it was still improving when its budget ended") in text
     crossing = next(s for s in sentences(text) if s.startswith("- Crossover vit_tiny_p8 vs resnet50 (scratch)"))
     assert "cross at ≈ 8," in crossing and "inside the measured range (540–32,400 images)" in crossing
