@@ -118,12 +118,12 @@ def recorded_sizes(plan: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
             agreed.setdefault(planned[run_id], set()).add(int(size))
     sizes = []
     for pretraining, size, upstream in zip(plan["pretraining"], plan["pretrain_size"], plan["upstream"]):
-        recorded = agreed.get(asked(pretraining, size), set())
         if pretraining in UNSIZED_PRETRAINING:
             sizes.append(size)
         elif upstream in upstream_images:
             sizes.append(upstream_images[upstream])
         else:
+            recorded = agreed.get(asked(pretraining, size), set())
             sizes.append(next(iter(recorded)) if len(recorded) == 1 else size)
     return plan.assign(pretrain_size=pd.array(sizes, dtype="Int64"))
 

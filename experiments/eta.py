@@ -1,8 +1,9 @@
 """How long a sweep will take, from step times measured on this machine before it starts.
 
 For each distinct net of a sweep (model, the architecture choices that change
-its compute, image size, channels, batch, precision) a few training steps of the runs' recipe (forward, loss,
-backward, AdamW; channels-last for CNNs, as `ImageClassifier` does) are
+its compute, image size, channels, batch, precision) a few training steps of
+the runs' recipe (forward, loss, backward, AdamW; channels-last for CNNs, as
+`ImageClassifier` does) are
 timed after warm-up on random images, and a few evaluation batches; a run's
 estimate is its step budget times the step time plus its evaluations
 (validations, the test set, the training subset, the robustness conditions)
