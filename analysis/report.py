@@ -427,10 +427,10 @@ def upstream_findings(runs: pd.DataFrame) -> Iterable[str]:
     for _, up in stats.upstream_summary(runs).iterrows():
         what = f"{up['model']} on {condition_label(up['pretraining'], up['pretrain_size'])} (run `{up['run_id']}`)"
         acc = "not recorded" if pd.isna(up["val_acc1"]) else f"{100 * up['val_acc1']:.1f}%"
-        if not pd.isna(up["train_steps"]):
-            acc += f" after {up['train_steps']:,.0f} of {up['budget_steps']:,.0f} steps"
-        if not pd.isna(up["train_flops"]):
-            acc += f" ({si_label(up['train_flops'], 'FLOPs')} of training, not counted in its fine-tuning runs' FLOPs)"
+        steps = ("" if pd.isna(up["train_steps"]) else
+                 f" after {up['train_steps']:,.0f} of {up['budget_steps']:,.0f} steps")
+        cost = ("" if pd.isna(up["train_flops"]) else
+                f" ({si_label(up['train_flops'], 'FLOPs')} of training, not counted in its fine-tuning runs' FLOPs)")
         if pd.isna(up["improving_at_end"]):
             plateau = "whether it plateaued is not recorded"
         elif up["improving_at_end"]:
@@ -439,7 +439,7 @@ def upstream_findings(runs: pd.DataFrame) -> Iterable[str]:
         else:
             plateau = "it had plateaued (not improving at the end of its budget)"
         status = "" if up["status"] == "completed" else f" [{up['status']}]"
-        yield (f"Upstream {what}{status}: its own validation accuracy {acc}; {plateau}; "
+        yield (f"Upstream {what}{status}: its own validation accuracy {acc}{steps}{cost}; {plateau}; "
                f"{_plural(int(up['n_finetuned']), 'fine-tuning run')} start from it.")
 
 

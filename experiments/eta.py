@@ -3,12 +3,12 @@
 For each distinct net of a sweep (model, the architecture choices that change
 its compute, image size, channels, batch, precision) a few training steps of
 the runs' recipe (forward, loss, backward, AdamW; channels-last for CNNs, as
-`ImageClassifier` does) are
-timed after warm-up on random images, and a few evaluation batches; a run's
-estimate is its step budget times the step time plus its evaluations
-(validations, the test set, the training subset, the robustness conditions)
-times the per-image evaluation time. With early stopping (`patience`) a run may stop sooner, so
-the estimate is an upper bound for those runs.
+`ImageClassifier` does) are timed after warm-up on random images, and a few
+evaluation batches; a run's estimate is its step budget times the step time
+plus its evaluations (validations, the test set, the training subset, the
+robustness conditions) times the per-image evaluation time. With early
+stopping (`patience`) a run may stop sooner, so the estimate is an upper bound
+for those runs.
 
 The same timings settle `precision: auto` on a CPU with native bf16
 (`time_precisions`): the runs' estimate in bf16 and in fp32, compared by
