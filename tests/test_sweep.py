@@ -111,14 +111,19 @@ def test_shipped_sweeps_hold_the_planned_grids() -> None:
     assert sizes[-1] / sizes[0] >= 1000 and {s.pretrain_classes for s in scale.runs} == {1000}
     assert {(s.dataset, s.train_fraction) for s in scale.runs} == {("cifar10", 0.1)}
     assert len(scale.upstream) == 2 * 4 * 3  # one pretraining run per model, size and seed
-    # the six steps' ablations: position embedding x pooling at patch 4, and patch size at the default variant,
-    # in the same setting, so Table A1 compares patch sizes with the same recipe and training size
-    ablations, patches = (load_sweep(REPO / "experiments" / "sweeps" / f"{n}.yaml")
-                          for n in ("ablations", "ablations_patch"))
-    setting = {(s.profile, s.dataset, s.model, s.train_fraction) for s in ablations.runs}
-    assert {(s.profile, s.dataset, s.model, s.train_fraction) for s in patches.runs} == setting
-    assert {(s.pos_embed, s.pool) for s in ablations.runs} == {(p, q) for p in ("learn", "sincos2d", "none")
-                                                                 for q in ("token", "avg")}
+    # the six steps' ablations, one factor at a time against the same default variant (learned position
+    # embedding, class token, patch 4) in one setting, so Table A1 compares them with the same recipe and size
+    positions, pools, patches = (load_sweep(REPO / "experiments" / "sweeps" / f"{n}.yaml")
+                                 for n in ("ablations", "ablations_pool", "ablations_patch"))
+    setting = {(s.profile, s.dataset, s.model, s.train_fraction) for s in positions.runs}
+    assert len(setting) == 1
+    for sweep in (pools, patches):
+        assert {(s.profile, s.dataset, s.model, s.train_fraction) for s in sweep.runs} == setting
+    assert {(s.pos_embed, s.pool) for s in positions.runs} == {("learn", None), ("sincos2d", None), ("none", None)}
+    assert {(s.pos_embed, s.pool) for s in pools.runs} == {(None, "token"), (None, "avg")}
+    defaults = [{s.run_id for s in sweep.runs if s.pos_embed in (None, "learn") and s.pool in (None, "token")
+                 and s.patch_size in (None, 4)} for sweep in (positions, pools, patches)]
+    assert len(defaults[0]) == 2 and defaults[0] == defaults[1] == defaults[2]  # one default run per seed
     assert {s.patch_size for s in patches.runs} == {4, 7, 14} and all(28 % s.patch_size == 0 for s in patches.runs)
     assert {(s.pos_embed, s.pool) for s in patches.runs} == {(None, None)}  # the model's own: learned, class token
 
