@@ -76,6 +76,12 @@ class Variant:
         return f"{self.pool} pool" + (" (+ unused class token)" if self.class_token else "")
 
     @property
+    def short_label(self) -> str:
+        """"pos. none, class token, p4": a figure's column title."""
+        pool = "class token" if self.pool == "token" else f"{self.pool} pool"
+        return f"pos. {self.pos_label}, {pool}, p{self.patch_size}"
+
+    @property
     def label(self) -> str:
         """"no position embedding, class token, patch 4"."""
         pos = "no position embedding" if self.pos_embed == "none" else f"{self.pos_label} position embedding"

@@ -8,10 +8,10 @@
   two measures are comparable in kind, not number for number: the ERF is
   measured from one unit at the centre, attention distance averages over
   every query patch.
-- "Where each net looks": the same test images side by side, input, ViT
-  attention rollout, ViT Grad-CAM and the CNN's Grad-CAM, from one ViT run
-  and one CNN run of the same cell and seed, drawn only when both runs saved
-  identical images.
+- "Where each net looks": the same test images side by side, the input,
+  then each ViT's attention rollout and Grad-CAM and each CNN's Grad-CAM,
+  from the runs of one cell and seed that saved identical images: a ViT and
+  a CNN in a comparison sweep, the ViT's variants in an ablation sweep.
 """
 
 from __future__ import annotations
@@ -196,45 +196,49 @@ def plot_layer_distance(runs: pd.DataFrame, runs_dir: Path | str) -> Figure:
 
 # --------------------------------------------------------------- where each net looks
 @dataclass(frozen=True)
-class MapPair:
-    """One ViT run and one CNN run of the same cell and seed with identical explain images."""
+class MapSet:
+    """The nets of one cell and seed whose saved explain images are identical (ViTs first, then CNNs).
+
+    Attributes:
+        cell: the cell.
+        seed: the seed.
+        nets: (net, run, explain arrays) per net.
+    """
 
     cell: ExplainedCell
     seed: int
-    vit: tuple[pd.Series, Arrays]
-    cnn: tuple[pd.Series, Arrays]
+    nets: tuple[tuple[Net, pd.Series, Arrays], ...]
 
 
-def map_pair(runs: pd.DataFrame, runs_dir: Path | str) -> MapPair:
-    """The first (cell, seed) whose ViT and CNN explain.npz hold identical images.
+def map_set(runs: pd.DataFrame, runs_dir: Path | str) -> MapSet:
+    """The first (cell, seed) where two or more nets (a ViT and a CNN, or ViT variants) saved identical images.
 
-    Cells in `explained_cells` order, seeds ascending, the default ViT variant and
-    ResNet50 first.
+    Cells in `explained_cells` order, seeds ascending; the nets are the seed's runs whose images equal those of
+    the cell's first net (the paper's default ViT variant first, CNNs after the ViTs).
 
     Raises:
-        NoData: no such pair, saying why (no pair at all, or the images differ).
+        NoData: no such set, saying why (one net per cell and seed at most, or the images differ).
     """
     cells = explained_cells(runs, runs_dir)
     if not cells:
         raise NoData(f"no completed run has {EXPLAIN} (python -m experiments.explain RUN_DIR...)")
     differing = []
     for cell in cells:
-        cnns = sorted(cell.of("cnn"), key=lambda net: net.model != REFERENCE_CNN)
-        for vit in cell.of("vit"):
-            for cnn in cnns:
-                by_seed = {int(run["seed"]): (run, arrays) for run, arrays in cnn.runs}
-                for run, arrays in vit.runs:
-                    other = by_seed.get(int(run["seed"]))
-                    if other is None:
-                        continue
-                    images, other_images = arrays["images"], other[1]["images"]
-                    if images.shape == other_images.shape and np.array_equal(images, other_images):
-                        return MapPair(cell, int(run["seed"]), (run, arrays), other)
-                    differing.append(f"{run['run_id']} vs {other[0]['run_id']}")
+        nets = cell.of("vit") + cell.of("cnn")
+        for seed in sorted({int(run["seed"]) for net in nets for run, _ in net.runs}):
+            found = [(net, run, arrays) for net in nets for run, arrays in net.runs if int(run["seed"]) == seed]
+            if len(found) < 2:
+                continue
+            first = found[0][2]["images"]
+            same = tuple(f for f in found if f[2]["images"].shape == first.shape
+                         and np.array_equal(f[2]["images"], first))
+            if len(same) >= 2:
+                return MapSet(cell, seed, same)
+            differing.append(" vs ".join(str(run["run_id"]) for _, run, _ in found))
     if differing:
-        raise NoData(f"the ViT and CNN explain.npz images differ for every cell and seed ({'; '.join(differing)}): "
+        raise NoData(f"the nets' explain.npz images differ for every cell and seed ({'; '.join(differing)}): "
                      "refusing to compare maps of different images")
-    raise NoData(f"no cell and seed has {EXPLAIN} for both a ViT and a CNN run")
+    raise NoData(f"no cell and seed has {EXPLAIN} for two nets (a ViT and a CNN, or two ViT variants)")
 
 
 def _display_image(image: np.ndarray) -> tuple[np.ndarray, str | None]:
@@ -259,39 +263,49 @@ def _overlay(ax: Axes, image: np.ndarray, heat: np.ndarray) -> AxesImage:
                      extent=(-0.5, width - 0.5, height - 0.5, -0.5))
 
 
+def _map_columns(found: MapSet) -> list[tuple[str, Callable[[int], np.ndarray]]]:
+    """(title, image index -> (h, w) map) per column after the input: each ViT's attention rollout and
+    Grad-CAM, then each CNN's Grad-CAM; a ViT's title names its variant when the cell has several."""
+    columns = []
+    for net, _, arrays in found.nets:
+        name = net.model + (f"\n{net.variant.short_label}" if found.cell.several_variants and net.variant else "")
+        if net.arch == "vit":
+            columns.append((f"{name}\nattention rollout", lambda i, a=arrays: a["rollout"][i]))
+        columns.append((f"{name}\nGrad-CAM ({arrays['gradcam_layer']})", lambda i, a=arrays: a["gradcam"][i]))
+    return columns
+
+
 def plot_attention_maps(runs: pd.DataFrame, runs_dir: Path | str) -> Figure:
-    """The same test images: input, ViT attention rollout, ViT Grad-CAM, CNN Grad-CAM (rows: images).
+    """The same test images (rows): input, then each net's maps (`_map_columns`).
 
     Raises:
-        NoData: no ViT and CNN run of one cell and seed with identical explain images.
+        NoData: no two nets of one cell and seed with identical explain images.
     """
-    pair = map_pair(runs, runs_dir)
-    (vit_run, vit), (cnn_run, cnn) = pair.vit, pair.cnn
-    n_images = min(MAX_IMAGES, len(vit["images"]))
-    columns = ["input", f"{vit_run['model']}\nattention rollout",
-               f"{vit_run['model']}\nGrad-CAM ({vit['gradcam_layer']})",
-               f"{cnn_run['model']}\nGrad-CAM ({cnn['gradcam_layer']})"]
-    side = plots.COLUMN_WIDTH * 2 / len(columns)
+    found = map_set(runs, runs_dir)
+    images = found.nets[0][2]["images"]
+    n_images = min(MAX_IMAGES, len(images))
+    columns = _map_columns(found)
+    side = plots.COLUMN_WIDTH * 2 / max(4, len(columns) + 1)
     with mpl.rc_context(plots.STYLE):
-        fig, axes = panels(n_images, len(columns), width=side, height=side)
+        fig, axes = panels(n_images, len(columns) + 1, width=side, height=side)
         for i, row in enumerate(axes):
-            image = vit["images"][i]
-            shown, cmap = _display_image(image)
+            shown, cmap = _display_image(images[i])
             row[0].imshow(shown, cmap=cmap, interpolation="nearest")
-            row[0].set_ylabel(f"predicted: {int(vit['predictions'][i])} / {int(cnn['predictions'][i])}",
-                              fontsize=6)
-            heat = _overlay(row[1], image, vit["rollout"][i])
-            _overlay(row[2], image, vit["gradcam"][i])
-            _overlay(row[3], image, cnn["gradcam"][i])
+            predicted = " / ".join(str(int(arrays["predictions"][i])) for _, _, arrays in found.nets)
+            row[0].set_ylabel(f"predicted: {predicted}", fontsize=6)
+            for ax, (_, heat_of) in zip(row[1:], columns):
+                heat = _overlay(ax, images[i], heat_of(i))
             for ax in row:
                 ax.set(xticks=[], yticks=[])
                 ax.grid(False)
                 ax.spines[:].set_visible(False)
-        for ax, title in zip(axes[0], columns):
+        for ax, title in zip(axes[0], ["input"] + [title for title, _ in columns]):
             ax.set_title(title, fontsize=6.5)
         fig.colorbar(heat, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="relative importance (per image)")
-        fig.suptitle(f"{pair.cell.title} · seed {pair.seed} · predicted classes {vit_run['model']} / "
-                     f"{cnn_run['model']}", fontsize=6.5)
+        labels = [net.model + (f" ({net.variant.short_label})" if found.cell.several_variants and net.variant
+                               else "") for net, _, _ in found.nets]
+        fig.suptitle(f"{found.cell.title} · seed {found.seed} · predicted classes {' / '.join(labels)}",
+                     fontsize=6.5)
         return fig
 
 
@@ -305,11 +319,12 @@ FIGURES: dict[str, RunsDirFigure] = {
         "the ViT's blocks and the CNN's stem and residual blocks. " + ERF_CAVEAT,
         plot_layer_distance),
     "fig_i2_attention_maps": RunsDirFigure(
-        "Figure I2. Where each net looks: the same test images, ViT attention rollout and Grad-CAM of both nets",
-        "Input, the ViT's attention rollout (Abnar & Zuidema 2020: the class token's share of each patch through "
-        "all layers), the ViT's Grad-CAM and the CNN's Grad-CAM, from one ViT run and one CNN run of the same cell "
-        "and seed whose saved images are identical; each map is min-max scaled per image, over the image in gray. "
-        "Row labels: the classes each net predicts; Grad-CAM explains those classes.",
+        "Figure I2. Where each net looks: the same test images, ViT attention rollout and Grad-CAM of every net",
+        "Input, then each ViT's attention rollout (Abnar & Zuidema 2020: the class token's share of each patch "
+        "through all layers; for average pooling, the patches' mean share) and Grad-CAM, and each CNN's Grad-CAM, "
+        "from the runs of one cell and seed whose saved images are identical (a ViT and a CNN, or the ViT variants "
+        "of an ablation); each map is min-max scaled per image, over the image in gray. Row labels: the classes "
+        "each net predicts, in column order; Grad-CAM explains those classes.",
         plot_attention_maps),
 }
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from analysis_fixtures import SWEEP, make_result, runs_of
-from generalization_fixtures import IMAGE_SIDE, N_EXPLAIN, PATCH, explain_arrays, explain_images, explained_run
+from generalization_fixtures import (IMAGE_SIDE, N_EXPLAIN, PATCH, explain_arrays, explain_images, explained_run,
+                                     variant_run)
 from matplotlib.collections import PathCollection
 
 from analysis import collect, interpret_figures, plots
@@ -71,13 +72,30 @@ def test_maps_refuse_different_images(tmp_path):
         interpret_figures.plot_attention_maps(runs, tmp_path)
 
 
-def test_maps_need_a_vit_and_a_cnn_of_the_same_seed(tmp_path):
+def test_maps_need_two_nets_of_the_same_seed(tmp_path):
     explained_run(tmp_path, "vit_tiny_p8", 0)
     explained_run(tmp_path, "resnet50", 1)
     runs = collect.collect(tmp_path, SWEEP).runs
-    with pytest.raises(NoData, match="both a ViT and a CNN"):
+    with pytest.raises(NoData, match="for two nets"):
         interpret_figures.plot_attention_maps(runs, tmp_path)
     interpret_figures.plot_layer_distance(runs, tmp_path)  # one net per seed is enough to draw the profiles
+
+
+def test_maps_of_an_ablation_show_each_vit_variant_on_the_same_images(tmp_path):
+    """A ViT-only ablation sweep: the default variant first, each variant's rollout and Grad-CAM, titled."""
+    for pos_embed in ("none", "learn"):
+        for seed in (0, 1):
+            variant_run(tmp_path, pos_embed=pos_embed, seed=seed, files={"explain": explain_arrays("vit", seed)})
+    runs = collect.collect(tmp_path, SWEEP).runs
+    fig = interpret_figures.plot_attention_maps(runs, tmp_path)
+    axes = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(axes) == N_EXPLAIN * 5  # images x (input, 2 variants x (rollout, Grad-CAM))
+    assert [ax.get_title() for ax in axes[:5]] == [
+        "input", "vit_tiny_p8\npos. learned 1-D, class token, p4\nattention rollout",
+        "vit_tiny_p8\npos. learned 1-D, class token, p4\nGrad-CAM (encoder.blocks[-1].norm1)",
+        "vit_tiny_p8\npos. none, class token, p4\nattention rollout",
+        "vit_tiny_p8\npos. none, class token, p4\nGrad-CAM (encoder.blocks[-1].norm1)"]
+    assert "seed 0" in fig.get_suptitle()
 
 
 def test_no_explain_file_means_no_figure(tmp_path):
