@@ -192,9 +192,8 @@ def to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     frame = frame.reindex(columns=columns)
     for name, field in FIELDS.items():
         frame[name] = frame[name].astype(_DTYPES[field.kind])
-    for col in columns:
-        if _is_metric(col) or col.startswith(SECTIONS["selected"]):
-            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    numeric = [col for col in columns if _is_metric(col) or col.startswith(SECTIONS["selected"])]
+    frame = frame.assign(**{col: pd.to_numeric(frame[col], errors="coerce") for col in numeric}).copy()  # one block
     pretrained_from = set(frame["pretrained_from"].dropna())
     frame.loc[frame["run_id"].isin(pretrained_from), "role"] = "pretrain"
     frame = frame.sort_values(SORT_KEYS, kind="mergesort", na_position="first")

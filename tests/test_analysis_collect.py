@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 from analysis_fixtures import SWEEP, make_result, runs_of, small_sweep, write_result, write_runs
 
-from analysis import collect
+from analysis import collect, stats
 from common import schema
 
 
@@ -242,3 +243,13 @@ def test_a_partly_finished_pretraining_sweep_has_one_cell_per_condition(tmp_path
     assert expected.loc[expected["role"] == "train", "pretrain_size"].tolist() == [12_784, 12_784]
     summary = stats.summarize(collection.runs, expected=expected[expected["role"] == "train"])
     assert summary["pretrain_size"].tolist() == [12_784]
+
+
+def test_many_metric_columns_leave_no_fragmented_frame(tmp_path):
+    """A robustness run has ~100 metric columns; the report adds columns to the frame many times over, which
+    pandas warns about (PerformanceWarning, once per table) when the frame holds a block per column."""
+    metrics = {f"corrupt/c{i}/{s}/acc1": 0.5 for i in range(15) for s in range(1, 6)}
+    runs = runs_of(tmp_path, [make_result(seed=s, metrics=dict(metrics)) for s in (0, 1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.PerformanceWarning)
+        stats.cell_flags(runs)
