@@ -75,11 +75,12 @@ class Variant:
             return "class token"
         return f"{self.pool} pool" + (" (+ unused class token)" if self.class_token else "")
 
-    @property
-    def short_label(self) -> str:
-        """"pos. none, class token, p4": a figure's column title."""
-        pool = "class token" if self.pool == "token" else f"{self.pool} pool"
-        return f"pos. {self.pos_label}, {pool}, p{self.patch_size}"
+    def describe(self, fields: list[str] | tuple[str, ...]) -> str:
+        """`fields` of VARIANT_FIELDS in words, e.g. ["pos_embed", "pool"] -> "pos. none, avg pool"."""
+        words = {"patch_size": f"patch {self.patch_size}", "pos_embed": f"pos. {self.pos_label}",
+                 "pool": "class token" if self.pool == "token" else f"{self.pool} pool",
+                 "class_token": "with class token" if self.class_token else "no class token"}
+        return ", ".join(words[name] for name in fields)
 
     @property
     def label(self) -> str:

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 
 from analysis import estimates, plots, stats
-from analysis.ablations import Variant, variant_of
+from analysis.ablations import VARIANT_FIELDS, Variant, variant_of
 from analysis.figure_kit import RunsDirFigure, cell_title, legend_below, model_colors, panels
 from analysis.outputs import REFERENCE_CNN, NoData, condition_key, models_in_order
 from analysis.run_files import EXPLAIN, Arrays, RunArrays, bind_runs_dir
@@ -263,15 +263,29 @@ def _overlay(ax: Axes, image: np.ndarray, heat: np.ndarray) -> AxesImage:
                      extent=(-0.5, width - 0.5, height - 0.5, -0.5))
 
 
+def _net_names(found: MapSet) -> list[str]:
+    """Per net, what tells it apart in the figure: the model where the set has several, and the variant's
+    differing fields where it has several ViT variants ("pos. none", "avg pool", "patch 7")."""
+    models = {net.model for net, _, _ in found.nets}
+    variants = [net.variant for net, _, _ in found.nets if net.variant is not None]
+    differing = [name for name in VARIANT_FIELDS if len({getattr(v, name) for v in variants}) > 1]
+    names = []
+    for net, _, _ in found.nets:
+        parts = [net.model] if len(models) > 1 else []
+        if net.variant is not None and differing:
+            parts.append(net.variant.describe(differing))
+        names.append(", ".join(parts) or net.model)
+    return names
+
+
 def _map_columns(found: MapSet) -> list[tuple[str, Callable[[int], np.ndarray]]]:
     """(title, image index -> (h, w) map) per column after the input: each ViT's attention rollout and
-    Grad-CAM, then each CNN's Grad-CAM; a ViT's title names its variant when the cell has several."""
+    Grad-CAM, then each CNN's Grad-CAM."""
     columns = []
-    for net, _, arrays in found.nets:
-        name = net.model + (f"\n{net.variant.short_label}" if found.cell.several_variants and net.variant else "")
+    for name, (net, _, arrays) in zip(_net_names(found), found.nets):
         if net.arch == "vit":
             columns.append((f"{name}\nattention rollout", lambda i, a=arrays: a["rollout"][i]))
-        columns.append((f"{name}\nGrad-CAM ({arrays['gradcam_layer']})", lambda i, a=arrays: a["gradcam"][i]))
+        columns.append((f"{name}\nGrad-CAM", lambda i, a=arrays: a["gradcam"][i]))
     return columns
 
 
@@ -302,10 +316,9 @@ def plot_attention_maps(runs: pd.DataFrame, runs_dir: Path | str) -> Figure:
         for ax, title in zip(axes[0], ["input"] + [title for title, _ in columns]):
             ax.set_title(title, fontsize=6.5)
         fig.colorbar(heat, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="relative importance (per image)")
-        labels = [net.model + (f" ({net.variant.short_label})" if found.cell.several_variants and net.variant
-                               else "") for net, _, _ in found.nets]
-        fig.suptitle(f"{found.cell.title} · seed {found.seed} · predicted classes {' / '.join(labels)}",
-                     fontsize=6.5)
+        layers = sorted({f"{net.model} {arrays['gradcam_layer']}" for net, _, arrays in found.nets})
+        fig.suptitle(f"{found.cell.title} · seed {found.seed} · predicted classes in column order\n"
+                     f"Grad-CAM at {', '.join(layers)}", fontsize=6.5)
         return fig
 
 
