@@ -70,15 +70,20 @@ class Variant:
         return POS_EMBED.get(self.pos_embed, self.pos_embed)
 
     @property
+    def pool_name(self) -> str:
+        """"class token" | "avg pool" | ...: the head's input."""
+        return "class token" if self.pool == "token" else f"{self.pool} pool"
+
+    @property
     def pool_label(self) -> str:
-        if self.pool == "token":
-            return "class token"
-        return f"{self.pool} pool" + (" (+ unused class token)" if self.class_token else "")
+        """`pool_name`, saying so where a class token rides along unused."""
+        unused = self.pool != "token" and self.class_token
+        return self.pool_name + (" (+ unused class token)" if unused else "")
 
     def describe(self, fields: list[str] | tuple[str, ...]) -> str:
         """`fields` of VARIANT_FIELDS in words, e.g. ["pos_embed", "pool"] -> "pos. none, avg pool"."""
         words = {"patch_size": f"patch {self.patch_size}", "pos_embed": f"pos. {self.pos_label}",
-                 "pool": "class token" if self.pool == "token" else f"{self.pool} pool",
+                 "pool": self.pool_name,
                  "class_token": "with class token" if self.class_token else "no class token"}
         return ", ".join(words[name] for name in fields)
 

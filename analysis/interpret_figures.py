@@ -31,7 +31,7 @@ from matplotlib.image import AxesImage
 from analysis import estimates, plots, stats
 from analysis.ablations import VARIANT_FIELDS, Variant, variant_of
 from analysis.figure_kit import RunsDirFigure, cell_title, legend_below, model_colors, panels
-from analysis.outputs import REFERENCE_CNN, NoData, condition_key, models_in_order
+from analysis.outputs import NoData, condition_key, models_in_order
 from analysis.run_files import EXPLAIN, Arrays, RunArrays, bind_runs_dir
 
 log = logging.getLogger(__name__)
