@@ -111,6 +111,13 @@ def test_shipped_sweeps_hold_the_planned_grids() -> None:
     assert sizes[-1] / sizes[0] >= 1000 and {s.pretrain_classes for s in scale.runs} == {1000}
     assert {(s.dataset, s.train_fraction) for s in scale.runs} == {("cifar10", 0.1)}
     assert len(scale.upstream) == 2 * 4 * 3  # one pretraining run per model, size and seed
+    # what pretraining is worth on this machine: both nets, scratch and FractalDB paired by seed, one upstream
+    # run per net and seed with the same budget for both: 20 passes over its 12,800 images (2,000 steps)
+    pretraining = load_sweep(REPO / "experiments" / "sweeps" / "pretraining.yaml")
+    assert {(s.arch, s.pretraining, s.seed) for s in pretraining.runs} == {
+        (arch, p, seed) for arch in ("vit", "cnn") for p in ("none", "fractaldb") for seed in (0, 1)}
+    assert len(pretraining.upstream) == 2 * 2
+    assert {(u.dataset, u.max_steps, u.patience) for u in pretraining.upstream} == {("fractaldb", 2000, 4)}
     # the six steps' ablations, one factor at a time against the same default variant (learned position
     # embedding, class token, patch 4) in one setting, so Table A1 compares them with the same recipe and size
     positions, pools, patches = (load_sweep(REPO / "experiments" / "sweeps" / f"{n}.yaml")
