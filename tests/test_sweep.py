@@ -134,6 +134,7 @@ def test_shipped_sweeps_hold_the_planned_grids() -> None:
     assert {s.patch_size for s in patches.runs} == {4, 7, 14} and all(28 % s.patch_size == 0 for s in patches.runs)
     assert {(s.pos_embed, s.pool) for s in patches.runs} == {(None, None)}  # the model's own: learned, class token
     # steps 3 and 6 at paper scale: ViT-S/16 from scratch on all of CIFAR-10 at 224 px, 3 seeds, robustness on
+    # a fixed test subset
     cluster = load_sweep(REPO / "experiments" / "sweeps" / "ablations_cluster.yaml")
     assert {(s.profile, s.dataset, s.model, s.img_size, s.train_fraction, s.pretraining) for s in cluster.runs} == {
         ("cluster", "cifar10", "vit_s16", 224, 1.0, "none")}
